@@ -1,0 +1,126 @@
+"""The DeepSeek-V3.2 mixture-of-experts FFN: sigmoid gate with group-limited routing.
+
+Keep Routing lives here: `Gate.forward(x, replay_ids)` skips expert *selection* and uses the
+recorded ids, but still computes the expert *weights* from the current gate scores at those
+ids, so the gate keeps receiving gradients while the sampler's routing is reproduced exactly.
+
+Routed experts are stored stacked ([E, ...] tensors) so a grouped matmul can run them; the
+checkpoint layer splits them into the per-expert HF names `mlp.experts.{e}.{gate,up,down}_proj`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .layers import MLP, upcast
+
+
+class Gate(nn.Module):
+    """Sigmoid router with an auxiliary-loss-free selection bias.
+
+    weight: [E, D]; e_score_correction_bias: [E] (a buffer: it is adjusted by load balancing,
+    not by gradients). forward(x [N, D], replay_ids [N, k] | None) -> (weights [N, k] in >= float32,
+    ids [N, k] int64).
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32)
+        )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
+        # Keep the selection bias in float32 whatever dtype the model is cast to: it decides
+        # near-ties between experts, and the released checkpoint stores it in float32.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Steps 2-3 of the gate: biased, group-limited top-k selection. scores: [N, E]."""
+        biased = scores + self.e_score_correction_bias.to(scores.dtype)
+        if self.n_group > 1:
+            grouped = biased.view(biased.shape[0], self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, n_group]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def forward(
+        self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = upcast(x)
+        scores = F.linear(xf, self.weight.to(xf.dtype)).sigmoid()  # step 1
+        ids = self.select(scores) if replay_ids is None else replay_ids.long()
+        weights = scores.gather(1, ids)  # step 4: the unbiased scores at the chosen experts
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.routed_scaling_factor, ids
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored stacked.
+
+    gate_proj, up_proj: [E, I, D]; down_proj: [E, D, I] (each slice is the HF expert's
+    `.weight`). forward(x [N, D], ids [N, k], weights [N, k]) -> [N, D].
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n, k = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)  # token slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        xs = x[order // k]
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                seg = xs[start : start + c]
+                h = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
+                outs.append(h @ self.down_proj[e].t())
+                start += c
+        per_slot = torch.empty_like(xs) if not outs else torch.cat(outs)
+        per_slot = per_slot[order.argsort()].view(n, k, -1)  # back to (token, slot) order
+        # Summing the k slots in a fixed order keeps the result deterministic (bit-exact replay).
+        return (upcast(per_slot) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts.
+
+    forward(x [B, T, D], replay_ids [B, T, k] | None) -> (y [B, T, D], ids [B, T, k]).
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        self.shared_experts = MLP(
+            args.hidden_size, args.moe_intermediate_size * args.n_shared_experts
+        )
+
+    def forward(
+        self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        replay = None if replay_ids is None else replay_ids.reshape(b * t, -1)
+        weights, ids = self.gate(flat, replay)
+        y = self.experts(flat, ids, weights) + self.shared_experts(flat)
+        return y.view(b, t, d), ids.view(b, t, -1)

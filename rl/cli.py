@@ -1,0 +1,68 @@
+"""The `keeprl` command line: one subcommand per job, each run by a module of its own.
+
+Subcommands are listed in `COMMANDS`. Each handler module is imported only when its
+subcommand runs, so `keeprl --help` stays fast and does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """One subcommand: its help line, how it adds its options, and the module that runs it.
+
+    The handler module must define `main(args: argparse.Namespace) -> int`.
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: str
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--tokens", type=int, default=32, help="number of tokens to generate (default: 32)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        help="build a tiny DSA policy, run it, and print what it did",
+        add_arguments=_demo_arguments,
+        handler="rl.demo",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `keeprl` parser, one subparser per entry of `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="keeprl",
+        description="GRPO post-training for DeepSeek-V3.2-style DSA models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: the process arguments), run the chosen subcommand, return its code.
+
+    With no subcommand, prints the help and returns 2, the usual code for a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = importlib.import_module(COMMANDS[args.command].handler)
+    return handler.main(args)

@@ -1,0 +1,74 @@
+"""The sigmoid MoE gate (group-limited selection, unbiased weights) and Keep Routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy import preset
+from policy.moe import Experts, Gate
+
+
+def test_gate_by_hand():
+    # 8 experts in 4 groups of 2, keep 2 groups, pick 2 experts.
+    gate = Gate(preset("tiny"))
+    s = torch.tensor([[0.90, 0.10, 0.50, 0.45, 0.30, 0.20, 0.60, 0.55]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0])
+    with torch.no_grad():  # drive the scores directly: logit(s) through an identity gate
+        gate.weight.copy_(torch.eye(8, 128))
+        gate.e_score_correction_bias.copy_(bias)
+    x = torch.zeros(1, 128)
+    x[0, :8] = torch.logit(s[0])
+    weights, ids = gate(x)
+    # biased: [.9,.1 | .5,.45 | .8,.7 | .6,.55] -> group sums [1.0, .95, 1.5, 1.15]
+    # keep groups 2 and 3 -> experts {4,5,6,7}, biased top-2 = 4 (.8), 5 (.7)
+    assert ids.tolist() == [[4, 5]]
+    # weights from the UNBIASED scores .30, .20, normalised, times 2.5
+    torch.testing.assert_close(weights, torch.tensor([[0.6, 0.4]]) * 2.5)
+    # without the group limit expert 0 (0.9) would have won
+    assert 0 not in ids.tolist()[0]
+
+
+def test_experts_match_a_per_token_loop():
+    torch.manual_seed(0)
+    ex = Experts(8, 16, 12)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(10, 16)
+    ids = torch.randint(0, 8, (10, 2))
+    w = torch.rand(10, 2)
+    got = ex(x, ids, w)
+    for n in range(10):
+        want = sum(
+            w[n, j]
+            * (torch.nn.functional.silu(ex.gate_proj[e] @ x[n]) * (ex.up_proj[e] @ x[n]))
+            @ ex.down_proj[e].t()
+            for j, e in enumerate(ids[n].tolist())
+        )
+        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_routing_replays_bit_for_bit(make_model, dtype, tokens):
+    model = make_model(dtype=dtype, index_topk=8)
+    out = model(tokens)
+    assert out.routing.shape == (2, 48, 1, 2)
+    again = model(tokens, replay_routing=out.routing)
+    assert torch.equal(again.logits, out.logits)
+    other = (out.routing + 1) % 8  # different experts, still distinct per token
+    changed = model(tokens, replay_routing=other)
+    assert torch.equal(changed.routing, other)
+    assert not torch.allclose(changed.logits, out.logits)
+
+
+def test_gate_gets_gradients_under_replay(make_model, tokens):
+    model = make_model().train()
+    routing = model(tokens).routing
+    model(tokens, replay_routing=routing).logits.logsumexp(-1).mean().backward()
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
+
+
+def test_replay_shape_is_checked(tiny, tokens):
+    with pytest.raises(ValueError, match="replay_routing has shape"):
+        tiny(tokens, replay_routing=torch.zeros(2, 48, 2, 2, dtype=torch.long))
