@@ -1,0 +1,148 @@
+"""The learner's input: one GRPO batch, defined once.
+
+Every per-token field is aligned with `input_ids` (prompt + response, right-padded): entry p
+describes token p. So `old_logprobs[b, p]` is the sampler's log pi_old of token p, `kept_ids[b, p]`
+the ids its sampler kept when drawing token p, `routing[b, p]` the experts token p was routed to
+when the sampler's model processed it. Only response positions carry log-probs and kept ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """A GRPO batch of B sequences, T = the longest prompt + response.
+
+    input_ids [B, T] long; prompt_lens, response_lens [B] long; old_logprobs [B, T] float32
+    (0 outside responses); routing [B, T, n_moe_layers, top_k] long or None (Keep Routing);
+    kept_ids [B, T, K] long, -1 padded, or None (Keep Sampling Mask; a position whose row is
+    all -1 was not truncated); rewards [B] float32; group_ids [B] long; temperature: the
+    sampler's, which the learner's log-probs must use too.
+    """
+
+    input_ids: torch.Tensor
+    prompt_lens: torch.Tensor
+    response_lens: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    routing: torch.Tensor | None = None
+    kept_ids: torch.Tensor | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        b, t = self.input_ids.shape
+        for name in ("prompt_lens", "response_lens", "rewards", "group_ids"):
+            if tuple(getattr(self, name).shape) != (b,):
+                raise ValueError(f"Batch.{name} must have shape [{b}]")
+        for name in ("old_logprobs", "routing", "kept_ids"):
+            v = getattr(self, name)
+            if v is not None and tuple(v.shape[:2]) != (b, t):
+                raise ValueError(f"Batch.{name} must start with [B, T] = [{b}, {t}]")
+        if bool((self.prompt_lens < 1).any()):
+            raise ValueError("every sequence needs a prompt of at least one token")
+        if bool(((self.prompt_lens + self.response_lens) > t).any()):
+            raise ValueError("prompt_lens + response_lens exceeds input_ids' length")
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.prompt_lens + self.response_lens
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, T] bool: real (prompt or response) tokens."""
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return pos < self.lengths.unsqueeze(1)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[B, T] bool: response tokens (the ones the loss is about)."""
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return (pos >= self.prompt_lens.unsqueeze(1)) & self.attention_mask
+
+    def select(self, index: torch.Tensor) -> Batch:
+        """Rows `index`, trimmed to their longest sequence (for micro-batches)."""
+        t = int(self.lengths[index].max())
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v[index]
+                if v.dim() >= 2:
+                    v = v[:, :t]
+            out[f.name] = v
+        return replace(self, **out)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
+
+    @classmethod
+    def from_sequences(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        old_logprobs: Sequence[Sequence[float]],
+        rewards: Sequence[float],
+        group_ids: Sequence[int],
+        *,
+        routing: Sequence[torch.Tensor] | None = None,
+        kept_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+        temperature: float = 1.0,
+        pad_id: int = 0,
+    ) -> Batch:
+        """Pad ragged per-sequence lists into a Batch.
+
+        routing[i]: [len_i or len_i - 1, n_moe_layers, top_k] (the final token may be missing:
+        it never passed through the sampler's model; it is filled with experts 0..k-1, which
+        only that token's own, unused, output sees). kept_ids[i]: per response token a list.
+        """
+        b = len(prompts)
+        lens = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        t = max(lens)
+        ids = torch.full((b, t), pad_id, dtype=torch.long)
+        old = torch.zeros(b, t, dtype=torch.float32)
+        for i, (p, r, lp) in enumerate(zip(prompts, responses, old_logprobs, strict=True)):
+            if len(lp) != len(r):
+                raise ValueError(f"sequence {i}: {len(lp)} log-probs for {len(r)} response tokens")
+            ids[i, : lens[i]] = torch.tensor([*p, *r], dtype=torch.long)
+            old[i, len(p) : lens[i]] = torch.tensor(lp, dtype=torch.float32)
+        route = None
+        if routing is not None:
+            n_moe, k = routing[0].shape[1:]
+            route = torch.arange(k).expand(b, t, n_moe, k).clone()
+            for i, r in enumerate(routing):
+                route[i, : r.shape[0]] = torch.as_tensor(r, dtype=torch.long)
+        kept = None
+        if kept_ids is not None:
+            width = max((len(k) for seq in kept_ids for k in seq), default=0)
+            kept = torch.full((b, t, max(width, 1)), -1, dtype=torch.long)
+            for i, seq in enumerate(kept_ids):
+                for j, k in enumerate(seq):
+                    kept[i, len(prompts[i]) + j, : len(k)] = torch.as_tensor(k, dtype=torch.long)
+        return cls(
+            input_ids=ids,
+            prompt_lens=torch.tensor([len(p) for p in prompts]),
+            response_lens=torch.tensor([len(r) for r in responses]),
+            old_logprobs=old,
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            group_ids=torch.tensor(group_ids, dtype=torch.long),
+            routing=route,
+            kept_ids=kept,
+            temperature=temperature,
+        )

@@ -1,0 +1,225 @@
+"""The GRPO learner: one optimizer step per batch, with every DeepSeek-V3.2 stabilizer.
+
+`Learner.step(batch)` runs the policy forward with the sampler's recorded routing (Keep
+Routing), scores tokens over the sampler's kept sets (Keep Sampling Mask), masks stale
+negative sequences (OPSM), adds the unbiased KL to a frozen reference, and accumulates
+gradients over micro-batches sized by a token budget before one clipped AdamW step. Each
+stabilizer has a switch so its effect can be ablated; the metrics it returns say what each did.
+Plain torch: the Ray actor wrapping it belongs to the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from policy import Transformer
+
+from .advantage import group_advantages
+from .batch import Batch
+from .logprobs import masked_logprobs
+from .loss import LossConfig, grpo_token_loss, token_weights
+from .masks import opsm_keep
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """Optimizer, schedule, micro-batching and the two replay stabilizers' switches."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (to min_lr_ratio * lr at total_steps)
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    std_normalize: bool = False  # divide advantages by the group std (off: the paper's A)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError("lr_schedule='cosine' needs total_steps > warmup_steps")
+        if self.micro_batch_tokens < 1:
+            raise ValueError("micro_batch_tokens must be >= 1")
+
+
+def lr_factor(step: int, cfg: LearnerConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def micro_batches(batch: Batch, token_budget: int) -> list[torch.Tensor]:
+    """Row indices per micro-batch: rows sorted by length, packed while rows * longest <= budget
+    (a row longer than the budget goes alone)."""
+    lengths = batch.lengths.tolist()
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = [[]]
+    for i in order:
+        if groups[-1] and (len(groups[-1]) + 1) * lengths[i] > token_budget:
+            groups.append([])
+        groups[-1].append(i)
+    return [torch.tensor(g) for g in groups]
+
+
+class Learner:
+    """Owns the policy, the frozen reference (only when beta > 0), AdamW and the LR schedule."""
+
+    def __init__(
+        self, policy: Transformer, cfg: LearnerConfig, reference: Transformer | None = None
+    ) -> None:
+        self.policy, self.cfg = policy, cfg
+        self.reference = None
+        if cfg.loss.beta > 0:
+            self.reference = reference if reference is not None else copy.deepcopy(policy)
+            self.reference.eval().requires_grad_(False)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg)
+        )
+        self.steps = 0
+
+    def token_logprobs(
+        self,
+        model: Transformer,
+        mb: Batch,
+        *,
+        entropy: bool = False,
+        keep_routing: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """log pi(token) [b, T] at response positions (0 elsewhere), its entropy [b, T] or
+        None, and the routing the forward used [b, T, n_moe, k]."""
+        keep_routing = self.cfg.keep_routing if keep_routing is None else keep_routing
+        replay = mb.routing if keep_routing else None
+        out = model(
+            mb.input_ids,
+            replay_routing=replay,
+            attention_mask=mb.attention_mask,
+            return_logits=False,
+        )
+        # Token p is predicted from the hidden state at p - 1.
+        sel = mb.response_mask[:, 1:]
+        kept = (
+            mb.kept_ids[:, 1:][sel]
+            if (self.cfg.keep_sampling_mask and mb.kept_ids is not None)
+            else None
+        )
+        logp, ent = masked_logprobs(
+            out.hidden[:, :-1][sel],
+            model.lm_head.weight,
+            mb.input_ids[:, 1:][sel],
+            kept,
+            temperature=mb.temperature,
+            return_entropy=True,
+        )
+        full = torch.zeros(mb.input_ids.shape, dtype=logp.dtype, device=logp.device)
+        logp_full = full.masked_scatter(mb.response_mask, logp)
+        ent_full = full.masked_scatter(mb.response_mask, ent) if entropy else None
+        return logp_full, ent_full, out.routing
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on `batch`; returns its metrics (see module docstring)."""
+        cfg, lcfg = self.cfg, self.cfg.loss
+        start = time.perf_counter()
+        batch = batch.to(self.policy.lm_head.weight.device)
+        self.policy.train()
+        adv_all = group_advantages(batch.rewards, batch.group_ids, cfg.std_normalize)
+        n_seqs = int((batch.response_lens > 0).sum())
+        n_tokens = int(batch.response_lens.sum())
+        sums: dict[str, float] = defaultdict(float)
+        gap_max = 0.0
+        for index in micro_batches(batch, cfg.micro_batch_tokens):
+            mb = batch.select(index)
+            adv = adv_all[index].to(mb.input_ids.device)
+            mask = mb.response_mask
+            logp, ent, routing = self.token_logprobs(self.policy, mb, entropy=True)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp, _, _ = self.token_logprobs(self.reference, mb)
+            keep = (
+                opsm_keep(logp, mb.old_logprobs, adv, mask, lcfg.opsm_delta)
+                if lcfg.opsm
+                else torch.ones_like(adv, dtype=torch.bool)
+            )
+            loss_tok, info = grpo_token_loss(logp, mb.old_logprobs, adv, keep, ref_logp, lcfg)
+            w = token_weights(mask, lcfg.aggregation, n_seqs, n_tokens)
+            loss = (loss_tok * w).sum()
+            loss.backward()
+            # Diagnostics: token means over the batch's response tokens.
+            tok = mask.float() / max(n_tokens, 1)
+            gap = (mb.old_logprobs - logp.detach()).abs() * mask
+            sums["loss"] += loss.item()
+            sums["logp_gap_mean"] += float((gap * tok).sum())
+            gap_max = max(gap_max, float(gap.max()))
+            sums["entropy"] += float((ent * tok).sum())
+            sums["clip_low_frac"] += float((info["clip_low"] * tok).sum())
+            sums["clip_high_frac"] += float((info["clip_high"] * tok).sum())
+            sums["ratio_mean"] += float((info["ratio"] * tok).sum())
+            if "kl" in info:
+                sums["kl"] += float((info["kl"] * tok).sum())
+            sums["opsm_masked_frac"] += float((~keep & (mb.response_lens > 0)).sum()) / max(
+                n_seqs, 1
+            )
+            if mb.routing is not None and not cfg.keep_routing:
+                sums["routing_disagreement"] += _routing_disagreement(routing, mb) / batch.size
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        secs = time.perf_counter() - start
+        return {
+            **sums,
+            "logp_gap_max": gap_max,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "advantage_abs_mean": float(adv_all.abs().mean()),
+            "response_tokens": float(n_tokens),
+            "tokens_per_s": float(batch.lengths.sum()) / secs,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+
+
+def _routing_disagreement(learner_routing: torch.Tensor, mb: Batch) -> float:
+    """Sum over rows of the fraction of tokens (all but each row's last) routed to a different
+    expert set, in any MoE layer, than the sampler recorded (weighted per row)."""
+    same = (learner_routing.sort(-1).values == mb.routing.sort(-1).values).all(-1).all(-1)
+    valid = mb.attention_mask.clone()
+    valid[torch.arange(mb.size), mb.lengths - 1] = False  # never routed by the sampler
+    per_row = ((~same) & valid).sum(-1).float() / valid.sum(-1).clamp_min(1)
+    return float(per_row.sum())

@@ -1,0 +1,193 @@
+"""Token log-probs under the sampling mask, computed in chunks from the final hidden states.
+
+Keep Sampling Mask: the sampler drew each token from a top-k/top-p truncated distribution, so
+pi_old is a probability renormalised over the kept set. The learner must score pi_theta (and
+pi_ref) over the same set, log pi(token) = z_token - logsumexp(z[kept]), z = h W^T / temperature,
+or the ratio pi_theta / pi_old is biased even when the weights are identical.
+
+The full [tokens, vocab] float32 logits are never materialised: a custom autograd function
+processes `chunk_size` tokens at a time in the forward and recomputes each chunk's logits in the
+backward, so peak memory is one chunk's logits, not all of them (4,096 tokens at vocab 129,280
+would be 2.1 GB). `masked_logprobs_reference` is the plain torch version it is tested against.
+
+Kept ids are [N, K] padded with -1. A row of all -1 means "not truncated": the full softmax
+(no top-k/top-p was applied at that position, so nothing was recorded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from policy.layers import upcast
+
+# Default bound on one chunk's [chunk, V] float32 logits, in elements: 64 MiB on the CPU,
+# 256 MiB on a GPU, where chunks of ~500 rows at vocab 129,280 keep the matmuls efficient.
+DEFAULT_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    # Matmul in the model dtype (as the sampler's LM head does), softmax maths in >= float32.
+    return upcast(F.linear(h, weight)) / temperature
+
+
+def _support(logits: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """logits [c, V] with -inf outside each row's kept set (rows of all -1 keep everything).
+    The reference's dense formulation; the chunked path gathers the kept logits instead."""
+    if kept is None:
+        return logits
+    truncated = (kept >= 0).any(-1, keepdim=True)
+    allowed = torch.zeros_like(logits, dtype=torch.bool)
+    allowed.scatter_(1, kept.clamp_min(0), kept >= 0)
+    return logits.masked_fill(~allowed & truncated, float("-inf"))
+
+
+def _check_kept(targets: torch.Tensor, kept: torch.Tensor | None) -> None:
+    """Each truncated row holds its target, and no id twice (the normaliser sums kept logits)."""
+    if kept is None:
+        return
+    ordered = kept.sort(-1).values
+    dup = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+    if bool(dup.any()):
+        raise ValueError(f"token {int(dup.nonzero()[0])}: its kept ids repeat an id")
+    ok = (kept == targets.unsqueeze(-1)).any(-1) | (kept < 0).all(-1)
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"token {bad}: target id {int(targets[bad])} is not in its kept set; "
+            "the recorded sampling mask does not contain the sampled token"
+        )
+
+
+def _normaliser(z: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp over each row's support [c], and which rows are truncated [c] bool.
+
+    Truncated rows sum over their K kept logits only (a gather, no [c, V] mask); the others
+    over the whole vocabulary.
+    """
+    if kept is None:
+        return z.logsumexp(-1), torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    truncated = (kept >= 0).any(-1)
+    zk = z.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, float("-inf"))
+    logz = zk.logsumexp(-1)
+    if not bool(truncated.all()):
+        logz = torch.where(truncated, logz, z.logsumexp(-1))
+    return logz, truncated
+
+
+def _softmax_parts(
+    z: torch.Tensor, kept: torch.Tensor | None, logz: torch.Tensor, truncated: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The support's probabilities: dense [c, V] for untruncated rows (None if there are none)
+    and [c, K] at the kept ids for truncated rows (None without kept ids); each zero elsewhere."""
+    dense = None
+    if not bool(truncated.all()):
+        dense = torch.where(truncated[:, None], 0.0, (z - logz[:, None]).exp())
+    sparse = None
+    if kept is not None:
+        zk = z.gather(1, kept.clamp_min(0))
+        on = (kept >= 0) & truncated[:, None]
+        sparse = torch.where(on, (zk - logz[:, None]).exp(), 0.0)
+    return dense, sparse
+
+
+class _MaskedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, kept, temperature, chunk, want_entropy):  # noqa: ANN001
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=upcast(hidden[:0]).dtype, device=hidden.device)
+        entropy = torch.zeros_like(logp)
+        for i in range(0, n, chunk):
+            sl = slice(i, i + chunk)
+            k = None if kept is None else kept[sl]
+            z = _chunk_logits(hidden[sl], weight, temperature)
+            logz, truncated = _normaliser(z, k)
+            logp[sl] = z.gather(1, targets[sl, None]).squeeze(1) - logz
+            if want_entropy:  # H = logZ - E_p[z] over the support
+                dense, sparse = _softmax_parts(z, k, logz, truncated)
+                mean_z = torch.zeros_like(logz)
+                if dense is not None:
+                    mean_z = mean_z + (dense * z).sum(-1)
+                if sparse is not None:
+                    mean_z = mean_z + (sparse * z.gather(1, k.clamp_min(0))).sum(-1)
+                entropy[sl] = logz - mean_z
+        ctx.save_for_backward(hidden, weight, targets, kept)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):  # noqa: ANN001
+        hidden, weight, targets, kept = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        # The weight gradient accumulates in the weight's dtype (addmm sums each chunk's
+        # product in float32, then rounds once per chunk): a float32 accumulator for a bf16
+        # [V, D] head would itself be twice the head's size (3.7 GB at DeepSeek-V3.2's).
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            h, k = hidden[sl], None if kept is None else kept[sl]
+            z = _chunk_logits(h, weight, ctx.temperature)
+            logz, truncated = _normaliser(z, k)
+            dense, sparse = _softmax_parts(z, k, logz, truncated)
+            # d logp / d z = onehot(target) - softmax(z over the support); chain through 1/T.
+            g = upcast(grad_logp[sl])
+            dz = torch.zeros_like(z) if dense is None else -dense * g[:, None]
+            if sparse is not None:
+                dz.scatter_add_(1, k.clamp_min(0), -sparse * g[:, None])
+            dz.scatter_add_(1, targets[sl, None], g[:, None])
+            dz /= ctx.temperature
+            # Products in the weight's dtype, as autograd would do for F.linear (no float32
+            # copy of a [V, D] head).
+            dz = dz.to(weight.dtype)
+            if want_h:
+                grad_h[sl] = (dz @ weight).to(hidden.dtype)
+            if want_w:
+                grad_w.addmm_(dz.t(), h.to(weight.dtype))
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def masked_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    kept_ids: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(targets) [N] (float32, float64 for float64 inputs) from hidden [N, D] and the
+    LM head [V, D].
+
+    kept_ids [N, K] (-1 padded) restricts and renormalises each row to its kept set; None
+    uses the full softmax everywhere. With return_entropy, also the entropy [N] of each row's
+    (truncated) distribution, without gradient.
+    """
+    if kept_ids is not None:
+        kept_ids = kept_ids.long()
+    targets = targets.long()
+    _check_kept(targets, kept_ids)
+    budget = DEFAULT_CHUNK_ELEMS.get(hidden.device.type, DEFAULT_CHUNK_ELEMS["cpu"])
+    chunk = chunk_size or max(1, budget // lm_head_weight.shape[0])
+    logp, entropy = _MaskedLogProbs.apply(
+        hidden, lm_head_weight, targets, kept_ids, float(temperature), chunk, return_entropy
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+def masked_logprobs_reference(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    kept_ids: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The same quantity with the full [N, V] logits materialised (for tests and benchmarks)."""
+    z = _support(
+        _chunk_logits(hidden, lm_head_weight, temperature),
+        None if kept_ids is None else kept_ids.long(),
+    )
+    return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)

@@ -1,0 +1,63 @@
+"""Fixtures for the learner tests: a tiny policy and GRPO batches it sampled itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy import Transformer, preset
+from rl.batch import Batch
+from rollout.sampling import sample
+
+
+@torch.no_grad()
+def sample_batch(
+    model: Transformer,
+    prompt: list[int],
+    n: int,
+    rewards: list[float],
+    *,
+    max_new: int = 10,
+    temperature: float = 1.0,
+    top_k: int = 20,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> Batch:
+    """n responses to one prompt, sampled token by token from `model` (full forwards), with
+    the sampler's log-probs, kept ids and the routing of a final forward over each sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    responses, logps, kepts, routes = [], [], [], []
+    for _ in range(n):
+        seq, lp, kept = list(prompt), [], []
+        for _ in range(max_new):
+            logits = model(torch.tensor([seq])).logits[0, -1:]
+            out = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            seq.append(int(out.tokens[0]))
+            lp.append(float(out.logprobs[0]))
+            kept.append([i for i in out.kept_ids[0].tolist() if i >= 0])
+        responses.append(seq[len(prompt) :])
+        logps.append(lp)
+        kepts.append(kept)
+        routes.append(model(torch.tensor([seq])).routing[0, :-1])  # the last token unrouted
+    return Batch.from_sequences(
+        [prompt] * n,
+        responses,
+        logps,
+        rewards,
+        [0] * n,
+        routing=routes,
+        kept_ids=kepts,
+        temperature=temperature,
+    )
+
+
+@pytest.fixture
+def sampler():
+    """The batch sampler above, as a fixture (tests cannot import conftest by name)."""
+    return sample_batch
+
+
+@pytest.fixture
+def policy() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=64, index_topk=8))

@@ -1,0 +1,135 @@
+"""The learner end to end on the tiny policy: it learns, and each stabilizer's switch changes
+the metrics the way it should."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rl.learner import Learner, LearnerConfig, lr_factor, micro_batches
+from rl.loss import LossConfig
+
+PROMPT = [3, 17, 5, 42, 8]
+
+
+def _response_logprob(learner: Learner, batch) -> torch.Tensor:
+    """Sum of log pi_theta over each response (under the sampling mask) [B]."""
+    with torch.no_grad():
+        logp, _, _ = learner.token_logprobs(learner.policy, batch)
+    return logp.sum(-1)
+
+
+def test_sampling_mask_makes_the_ratio_exactly_one(policy, sampler):
+    policy = policy.double()
+    batch = sampler(policy, PROMPT, 3, [1.0, 0.0, 0.0])
+    mask = batch.response_mask
+    on = Learner(policy, LearnerConfig(keep_sampling_mask=True))
+    off = Learner(policy, LearnerConfig(keep_sampling_mask=False))
+    logp_on, _, _ = on.token_logprobs(policy, batch)
+    logp_off, _, _ = off.token_logprobs(policy, batch)
+    ratio_on = torch.exp(logp_on - batch.old_logprobs)[mask]
+    ratio_off = torch.exp(logp_off - batch.old_logprobs)[mask]
+    # old_logprobs are stored as float32: 1 up to float32 rounding of the sampler's numbers
+    torch.testing.assert_close(ratio_on, torch.ones_like(ratio_on), rtol=0, atol=1e-6)
+    # The full softmax puts mass on tokens the sampler could not draw: pi_theta < pi_old.
+    assert (ratio_off < 1 - 1e-3).all() and ratio_off.mean() < 0.9
+    assert on.step(batch)["logp_gap_max"] < 1e-6
+
+
+def test_learner_raises_the_rewarded_response(policy, sampler):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
+    learner = Learner(policy, LearnerConfig(lr=3e-3, loss=LossConfig(eps_high=0.28)))
+    before = _response_logprob(learner, batch)
+    for _ in range(6):
+        metrics = learner.step(batch)
+    after = _response_logprob(learner, batch)
+    assert after[0] > before[0] + 1.0, (before, after)
+    assert (after[1:] < before[1:]).all()
+    assert metrics["clip_high_frac"] > 0  # the step-size limit engaged on the rewarded one
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_kl_switch(policy, sampler):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
+    plain = Learner(copy.deepcopy(policy), LearnerConfig(lr=3e-3))
+    assert plain.reference is None and "kl" not in plain.step(batch)
+    kl = Learner(copy.deepcopy(policy), LearnerConfig(lr=3e-3, loss=LossConfig(beta=0.5)))
+    first = kl.step(batch)["kl"]
+    for _ in range(3):
+        last = kl.step(batch)["kl"]
+    assert first == pytest.approx(0.0, abs=1e-9) and last > 1e-4  # grows as the policy moves
+
+
+def test_opsm_switch(policy, sampler):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
+    resp = batch.response_mask
+    # A sampler that was much more confident than the learner on sequences 0 (A > 0) and 1
+    # (A < 0): only the negative one may be masked.
+    batch.old_logprobs[0][resp[0]] += 1.0
+    batch.old_logprobs[1][resp[1]] += 1.0
+    on = Learner(copy.deepcopy(policy), LearnerConfig(loss=LossConfig(opsm_delta=0.5)))
+    off = Learner(copy.deepcopy(policy), LearnerConfig(loss=LossConfig(opsm=False)))
+    assert on.step(batch)["opsm_masked_frac"] == pytest.approx(0.25)
+    assert off.step(batch)["opsm_masked_frac"] == 0.0
+
+
+def test_keep_routing_switch(policy, sampler):
+    # The sampler routes with a different selection bias (as a stale or differently rounded
+    # inference engine would); every other weight is identical.
+    sampler_model = copy.deepcopy(policy)
+    with torch.no_grad():
+        sampler_model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    batch = sampler(sampler_model, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
+    on = Learner(copy.deepcopy(policy), LearnerConfig(keep_routing=True)).step(batch)
+    off = Learner(copy.deepcopy(policy), LearnerConfig(keep_routing=False)).step(batch)
+    assert "routing_disagreement" not in on
+    assert off["routing_disagreement"] > 0.1
+    assert on["logp_gap_max"] < 1e-5 < off["logp_gap_max"]
+
+
+def _step_capturing_grads(learner: Learner, batch) -> tuple[dict, dict]:
+    grads: dict[str, torch.Tensor] = {}
+
+    def record(*_):
+        grads.update(
+            {n: p.grad.clone() for n, p in learner.policy.named_parameters() if p.grad is not None}
+        )
+
+    learner.optimizer.register_step_pre_hook(record)
+    return learner.step(batch), grads
+
+
+def test_micro_batches_add_up_to_the_full_batch(policy, sampler):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
+    assert len(micro_batches(batch, 16)) == 4 and len(micro_batches(batch, 10**6)) == 1
+    for aggregation in ("sequence", "token"):
+        cfg = dict(loss=LossConfig(aggregation=aggregation, beta=0.1))
+        big = Learner(copy.deepcopy(policy), LearnerConfig(micro_batch_tokens=10**6, **cfg))
+        small = Learner(copy.deepcopy(policy), LearnerConfig(micro_batch_tokens=16, **cfg))
+        (mb, gb), (ms, gs) = _step_capturing_grads(big, batch), _step_capturing_grads(small, batch)
+        assert mb["loss"] == pytest.approx(ms["loss"], abs=1e-7)
+        assert gb.keys() == gs.keys() and len(gb) > 10
+        for name in gb:
+            torch.testing.assert_close(gb[name], gs[name], rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_bf16_step(policy, sampler):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
+    learner = Learner(policy.to(torch.bfloat16), LearnerConfig(lr=1e-3))
+    before = [p.detach().clone() for p in policy.parameters()]
+    metrics = learner.step(batch)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["logp_gap_max"] < 0.2  # bf16 logits vs the fp32 sampler
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+
+
+def test_lr_schedule():
+    cfg = LearnerConfig(
+        lr=1.0, warmup_steps=2, lr_schedule="cosine", total_steps=6, min_lr_ratio=0.1
+    )
+    got = [lr_factor(s, cfg) for s in range(7)]
+    assert got[:3] == [0.5, 1.0, 1.0] and got[4] == pytest.approx(0.55) and got[6] == 0.1
+    with pytest.raises(ValueError, match="total_steps"):
+        LearnerConfig(lr_schedule="cosine")
