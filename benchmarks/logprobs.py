@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _report import cpu_name, write_section  # noqa: E402
+
 from rl.logprobs import masked_logprobs, masked_logprobs_reference  # noqa: E402
 
 VOCAB = 129_280
@@ -115,15 +116,7 @@ def probe(args: argparse.Namespace) -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def render(res: dict) -> str:
@@ -147,20 +140,6 @@ def render(res: dict) -> str:
         f"**{n['peak_bytes'] / c['peak_bytes']:.1f}x** |"
     )
     return "\n".join(lines) + "\n"
-
-
-def write_section(doc: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between <!-- key --> markers in doc."""
-    begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
-    body = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text}{end}\n"
-    if begin in body:
-        head, rest = body.split(begin, 1)
-        body = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        body = body.rstrip("\n") + "\n\n" + block
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(body)
 
 
 def main() -> None:

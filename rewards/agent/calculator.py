@@ -1,0 +1,129 @@
+"""Calculator environment: compute an arithmetic expression exactly with a calculator tool.
+
+Tools: `calculate(expression)` evaluates + - * / // % ** and parentheses on exact
+fractions, with a small evaluator over Python's AST (never `eval`) and caps on exponent and
+number size so a call cannot stall the environment; `submit(answer)` ends the episode.
+Reward 1 when the submitted value equals the task's answer exactly ("7/2", "3.5" and
+"14/4" all count), else 0. `generate(seed)` makes random expressions with a known answer.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+from fractions import Fraction
+
+from . import AgentVerifier, Environment, Tool, ToolError
+
+MAX_CHARS = 300
+MAX_EXPONENT = 64
+MAX_DIGITS = 400
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+
+
+def _check_size(value: Fraction) -> Fraction:
+    if max(len(str(abs(value.numerator))), len(str(value.denominator))) > MAX_DIGITS:
+        raise ToolError(f"number too large (over {MAX_DIGITS} digits)")
+    return value
+
+
+def _eval(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return _check_size(Fraction(repr(node.value)))  # "0.1" exactly, not binary 0.1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _eval(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        base, exponent = _eval(node.left), _eval(node.right)
+        if exponent.denominator != 1 or abs(exponent) > MAX_EXPONENT:
+            raise ToolError(f"exponent must be an integer of at most {MAX_EXPONENT}")
+        if base == 0 and exponent < 0:
+            raise ToolError("division by zero")
+        return _check_size(base ** int(exponent))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and right == 0:
+            raise ToolError("division by zero")
+        return _check_size(Fraction(_BINARY[type(node.op)](left, right)))
+    raise ToolError(f"unsupported syntax: {ast.dump(node)[:60]}")
+
+
+def evaluate(expression: str) -> Fraction:
+    """Exact value of an arithmetic expression; ToolError on anything else."""
+    if not isinstance(expression, str):
+        raise ToolError("expression must be a string")
+    if len(expression) > MAX_CHARS:
+        raise ToolError(f"expression longer than {MAX_CHARS} characters")
+    try:
+        tree = ast.parse(expression.replace("^", "**"), mode="eval")
+    except SyntaxError as exc:
+        raise ToolError(f"cannot parse expression: {exc.msg}") from None
+    return _eval(tree)
+
+
+def show(value: Fraction) -> str:
+    return (
+        str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    )
+
+
+class CalculatorEnv(Environment):
+    name = "calculator"
+    tools = {
+        "calculate": Tool("evaluate an arithmetic expression exactly", {"expression": "text"}),
+        "submit": Tool("submit the final answer and end the episode", {"answer": "text"}),
+    }
+
+    def reset(self, task: dict) -> str:
+        self.state = {"answer": task["answer"], "submitted": None}
+        self.steps, self.done = 0, False
+        return f"{task['prompt']}\n{self.tool_list()}"
+
+    def tool_calculate(self, expression: str) -> str:
+        return show(evaluate(expression))
+
+    def tool_submit(self, answer: str) -> str:
+        self.state["submitted"] = str(answer)
+        self.done = True
+        return "submitted"
+
+    def verify(self, final_state: dict) -> float:
+        submitted = final_state.get("submitted")
+        if submitted is None:
+            return 0.0
+        try:
+            return float(evaluate(submitted) == Fraction(final_state["answer"]))
+        except (ToolError, ValueError, ZeroDivisionError):
+            return 0.0
+
+    @staticmethod
+    def generate(seed: int) -> tuple[dict, str]:
+        rng = random.Random(seed)
+        expression = _random_expression(rng, depth=3)
+        answer = show(evaluate(expression))
+        prompt = f"Compute the exact value of {expression}. Give a fraction as a/b if needed."
+        return {"prompt": prompt, "expression": expression, "answer": answer}, answer
+
+
+def _random_expression(rng: random.Random, depth: int) -> str:
+    if depth == 0 or rng.random() < 0.25:
+        return str(rng.randint(1, 60))
+    op = rng.choice("+-*/")
+    left, right = _random_expression(rng, depth - 1), _random_expression(rng, depth - 1)
+    if op == "/" and evaluate(right) == 0:
+        op = "*"
+    return f"({left} {op} {right})"
+
+
+verifier = AgentVerifier(CalculatorEnv)
