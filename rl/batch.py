@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -90,6 +91,32 @@ class Batch:
                 for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)
             },
+        )
+
+    @classmethod
+    def from_trajectories(
+        cls,
+        trajectories: Sequence[Any],
+        rewards: Sequence[float],
+        group_ids: Sequence[int],
+        *,
+        pad_id: int = 0,
+    ) -> Batch:
+        """A batch from rollout Trajectories (any engine): ids, pi_old, routing, kept ids."""
+        temps = {t.sampling.temperature for t in trajectories}
+        if len(temps) != 1:
+            raise ValueError(f"one batch needs one sampling temperature, got {sorted(temps)}")
+        temperature = temps.pop() or 1.0  # greedy log-probs are the plain softmax's
+        return cls.from_sequences(
+            [t.prompt_ids for t in trajectories],
+            [t.response_ids for t in trajectories],
+            [t.logprobs.tolist() for t in trajectories],
+            rewards,
+            group_ids,
+            routing=[torch.from_numpy(t.routing.astype("int64")) for t in trajectories],
+            kept_ids=[[k.tolist() for k in t.kept_ids] for t in trajectories],
+            temperature=temperature,
+            pad_id=pad_id,
         )
 
     @classmethod

@@ -63,13 +63,15 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> SampleOutput:
-    """Sample one token per row of logits [N, V]. temperature 0 is greedy (kept set: argmax)."""
+    """Sample one token per row of logits [N, V]. temperature 0 is greedy (argmax)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    if temperature == 0:  # a point mass: the kept set is the argmax alone, log-prob 0
+    if temperature == 0:
+        # Greedy: nothing is sampled, so nothing is truncated or recorded; the log-prob is the
+        # model's own (full softmax), as vLLM reports it for greedy requests.
         tokens = logits.argmax(-1)
-        zeros = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
-        return SampleOutput(tokens, zeros, tokens[:, None].clone())
+        logp = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        return SampleOutput(tokens, logp, tokens.new_empty(tokens.shape[0], 0))
     z = truncate_logits(logits.float() / temperature, top_k, top_p)
     logp = z.log_softmax(-1)
     tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)

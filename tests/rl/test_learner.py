@@ -133,3 +133,23 @@ def test_lr_schedule():
     assert got[:3] == [0.5, 1.0, 1.0] and got[4] == pytest.approx(0.55) and got[6] == 0.1
     with pytest.raises(ValueError, match="total_steps"):
         LearnerConfig(lr_schedule="cosine")
+
+
+def test_native_rollouts_feed_the_learner_exactly(tmp_path):
+    """Trajectories from the native engine, through Batch.from_trajectories, give the learner
+    pi_theta == pi_old at every sampled token (float64 policy; float32 storage of pi_old)."""
+    from policy import Transformer, preset, save_pretrained
+    from rl.batch import Batch
+    from rollout import NativeEngine, Sampling
+
+    torch.manual_seed(0)
+    save_pretrained(Transformer(preset("tiny", index_topk=8)), tmp_path)
+    engine = NativeEngine(tmp_path, dtype=torch.float64)
+    sampling = Sampling(temperature=0.9, top_k=30, top_p=0.95, max_tokens=16, seed=0)
+    trajs = engine.generate([[4, 8, 15], [16, 23, 42, 7]], sampling, n=3)
+    batch = Batch.from_trajectories(trajs, [1.0, 0, 0, 0, 1, 0], [0, 0, 0, 1, 1, 1])
+    learner = Learner(engine.model, LearnerConfig())
+    logp, _, routing = learner.token_logprobs(engine.model, batch)
+    mask = batch.response_mask
+    torch.testing.assert_close(logp[mask], batch.old_logprobs[mask].double(), rtol=1e-6, atol=1e-6)
+    assert learner.step(batch)["logp_gap_max"] < 1e-5

@@ -51,8 +51,8 @@ def test_samples_stay_in_the_kept_set_with_truncated_probabilities():
 def test_greedy_and_untruncated_rows():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     greedy = sample(logits, temperature=0)
-    assert greedy.tokens.tolist() == [1, 0] and greedy.kept_ids.tolist() == [[1], [0]]
-    assert greedy.logprobs.tolist() == [0.0, 0.0]
+    assert greedy.tokens.tolist() == [1, 0] and greedy.kept_ids.shape == (2, 0)
+    torch.testing.assert_close(greedy.logprobs, logits.log_softmax(-1).amax(-1))
     full = sample(logits, temperature=1.0)
     assert full.kept_ids.shape == (2, 0)  # nothing truncated, nothing recorded
     torch.testing.assert_close(
