@@ -67,12 +67,16 @@ class Trajectory:
     def __post_init__(self) -> None:
         n_resp = len(self.response_ids)
         if len(self.logprobs) != n_resp or len(self.kept_ids) != n_resp:
-            raise ValueError(f"trajectory: {len(self.logprobs)} log-probs and "
-                             f"{len(self.kept_ids)} kept sets for {n_resp} response tokens")
+            raise ValueError(
+                f"trajectory: {len(self.logprobs)} log-probs and "
+                f"{len(self.kept_ids)} kept sets for {n_resp} response tokens"
+            )
         total = len(self.prompt_ids) + n_resp
         if self.routing.ndim != 3 or self.routing.shape[0] not in (total, total - 1):
-            raise ValueError(f"trajectory: routing shape {self.routing.shape} does not cover "
-                             f"{total} tokens ([tokens or tokens - 1, n_moe_layers, top_k])")
+            raise ValueError(
+                f"trajectory: routing shape {self.routing.shape} does not cover "
+                f"{total} tokens ([tokens or tokens - 1, n_moe_layers, top_k])"
+            )
 
     @property
     def num_tokens(self) -> int:
