@@ -1,0 +1,301 @@
+"""Experiment configuration: YAML -> typed, frozen, validated dataclasses.
+
+One `ExperimentConfig` holds every section a run needs. `load_config(path, overrides)` reads
+the YAML, applies `key.sub=value` overrides (values parsed as YAML scalars), and builds the
+dataclasses strictly: an unknown key fails naming its full path and the closest valid key, a
+wrong type names the key and the expected type, and cross-field checks name the fix. Every
+error is one line (`ConfigError`), meant to be printed as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import rewards
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line that names the key and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    preset: str = "tiny"  # policy.PRESETS name the model starts from
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields to change
+    checkpoint: str | None = None  # start from these weights instead (save_pretrained dir)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmStartConfig:
+    """Supervised warm-start on reference answers before RL (cached by its settings)."""
+
+    enabled: bool = False
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    cache_dir: str = "~/.cache/keeprl/warm_start"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    task: str | None = "arithmetic"  # a built-in task generator (rl.tasks.TASKS) ...
+    path: str | None = None  # ... or a JSONL / Parquet file of {prompt, reference}
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompts_per_step: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    engine: Literal["native", "vllm"] = "native"
+    workers: int = 1
+    samples_per_prompt: int = 8  # G, the group size
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    verifiers: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "math"}])
+    timeout_s: float = 10.0
+    workers: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """GRPO and its stabilizers; each switch can be turned off for ablations."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0
+    kl_estimator: Literal["unbiased", "k3"] = "unbiased"
+    opsm: bool = True
+    opsm_delta: float = 0.05
+    aggregation: Literal["sequence", "token"] = "sequence"
+    std_normalize: bool = False
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    micro_batch_tokens: int = 8192
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    address: str | None = None  # None: start a local cluster; else join this one
+    num_cpus: int | None = None  # for a local cluster
+    rollout_cpus: float = 1.0  # per rollout worker
+    rollout_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    mlflow_uri: str | None = None  # None: a local store under trainer.output_dir/mlruns
+    experiment: str = "keeprl"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 10  # steps between checkpoints
+    keep_last: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    total_steps: int = 20
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _check(cfg: ExperimentConfig) -> None:
+    """Cross-field checks; each names the fix."""
+    if (cfg.data.task is None) == (cfg.data.path is None):
+        raise ConfigError(
+            "data: set exactly one of data.task (a built-in generator) or "
+            "data.path (a JSONL/Parquet file)"
+        )
+    s = cfg.rollout.sampling
+    if cfg.rollout.engine == "vllm" and s.top_p < 1 and s.top_k <= 0:
+        raise ConfigError(
+            "rollout.sampling: the vLLM engine records the kept set from top-N "
+            "logprobs, which top-p alone cannot bound; also set "
+            "rollout.sampling.top_k"
+        )
+    if cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            "rollout.samples_per_prompt must be >= 2: GRPO's advantage compares "
+            "samples of one prompt"
+        )
+    try:  # resolve verifier plug-ins now, not at the first reward
+        rewards.from_config(cfg.rewards.verifiers)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"rewards.verifiers: {e}") from None
+    for name, value in [
+        ("trainer.total_steps", cfg.trainer.total_steps),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("rollout.workers", cfg.rollout.workers),
+        ("data.prompts_per_step", cfg.data.prompts_per_step),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+# ---- building dataclasses from plain data -------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """value checked (and, for dataclasses, built) against the annotation tp."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of {tp.__name__} keys, got {type(value).__name__}"
+            )
+        return build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (dict, list):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{path}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads `1e-5` (no dot) as a string; it is a float to any reader
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Instantiate dataclass `cls` from `data`, strictly (unknown keys, wrong types fail)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = (
+                f"; did you mean '{path + '.' if path else ''}{close[0]}'?"
+                if close
+                else (f"; valid keys: {', '.join(names)}")
+            )
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested dict data."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}  # deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config (None: all defaults) with `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build(ExperimentConfig, apply_overrides(data, overrides or []))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data (for logging, MLflow params and resume)."""
+    return dataclasses.asdict(cfg)

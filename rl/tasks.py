@@ -1,0 +1,113 @@
+"""Prompts with reference answers: built-in synthetic verifiable tasks, or a JSONL/Parquet file.
+
+A task yields `Task(prompt, reference, verifier_hint)` records; the reference is what the
+verifiers read (`{"answer": ...}` for math, tests for code). Built-in generators are seeded
+and endless, so the quickstart needs no download. `TaskStream` hands out prompts in order and
+remembers its position, so a resumed run continues with the prompts it had not used yet.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    prompt: str
+    reference: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def arithmetic(seed: int, max_operand: int = 99, ops: str = "+-") -> Iterator[Task]:
+    """`a+b=` / `a-b=` with the result as the answer; endless, seeded."""
+    rng = random.Random(seed)
+    while True:
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
+        answer = a + b if op == "+" else a - b
+        yield Task(f"{a}{op}{b}=", {"answer": str(answer)})
+
+
+def digit_sum(seed: int, length: int = 4) -> Iterator[Task]:
+    """`sum 3 1 4 1=`: the sum of `length` single digits."""
+    rng = random.Random(seed)
+    while True:
+        digits = [rng.randint(0, 9) for _ in range(length)]
+        yield Task(f"sum {' '.join(map(str, digits))}=", {"answer": str(sum(digits))})
+
+
+# The built-in generators, one dict literal: name -> fn(seed, **task_kwargs).
+TASKS: dict[str, Callable[..., Iterator[Task]]] = {
+    "arithmetic": arithmetic,
+    "digit_sum": digit_sum,
+}
+
+
+def load_file(path: str | Path) -> list[Task]:
+    """Tasks from JSONL (one {"prompt", "reference", "metadata"?} object per line) or Parquet
+    (columns prompt, reference as a JSON string or struct, optional metadata)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+    tasks = []
+    for n, row in enumerate(rows, 1):
+        if "prompt" not in row or "reference" not in row:
+            raise ValueError(f"{path}: record {n} needs 'prompt' and 'reference' fields")
+        ref = row["reference"]
+        ref = json.loads(ref) if isinstance(ref, str) else ref
+        tasks.append(Task(row["prompt"], dict(ref), dict(row.get("metadata") or {})))
+    if not tasks:
+        raise ValueError(f"{path}: no tasks")
+    return tasks
+
+
+class TaskStream:
+    """Prompts in a reproducible order; `position` is how many were handed out."""
+
+    def __init__(
+        self,
+        task: str | None,
+        path: str | None,
+        seed: int,
+        task_kwargs: dict[str, Any] | None = None,
+        position: int = 0,
+    ) -> None:
+        if task is not None:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; built-in tasks: {sorted(TASKS)}")
+            self._source: Callable[[], Iterator[Task]] = lambda: TASKS[task](
+                seed, **(task_kwargs or {})
+            )
+        else:
+            items = load_file(path)
+
+            def cycle() -> Iterator[Task]:
+                rng = random.Random(seed)
+                while True:  # a fresh shuffle each epoch, reproducible from the seed
+                    order = list(range(len(items)))
+                    rng.shuffle(order)
+                    yield from (items[i] for i in order)
+
+            self._source = cycle
+        self._it = self._source()
+        self.position = 0
+        self.take(position)  # fast-forward on resume
+
+    def take(self, n: int) -> list[Task]:
+        out = [next(self._it) for _ in range(n)]
+        self.position += n
+        return out

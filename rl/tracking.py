@@ -1,0 +1,133 @@
+"""Metrics to MLflow, committed with the checkpoints so a killed run never duplicates a step.
+
+Each step's metrics are appended to `<run>/metrics.pending.jsonl` as soon as the step ends.
+They reach MLflow only when a checkpoint that covers them has been written (`commit(step)`),
+and `<run>/metrics.committed` records the last step sent. On resume from a checkpoint at step
+c, pending lines for steps <= c that a crash kept from MLflow are sent, and lines for steps
+> c are dropped: those steps run again. So MLflow holds each step exactly once, at the cost of
+lagging the live run by up to one checkpoint interval (the pending file is live).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    """One MLflow run per experiment directory (the run id is kept in `<run>/mlflow_run_id`).
+
+    uri None logs to `sqlite:///<run>/mlflow.db` with artifacts under `<run>/mlartifacts`
+    (`mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db` shows it).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        uri: str | None = None,
+        experiment: str = "keeprl",
+        run_name: str | None = None,
+    ) -> None:
+        import mlflow
+
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pending = self.dir / "metrics.pending.jsonl"
+        self.committed_file = self.dir / "metrics.committed"
+        self._mlflow = mlflow
+        # Default: a local SQLite store in the run directory (MLflow's file store is frozen).
+        mlflow.set_tracking_uri(uri or f"sqlite:///{(self.dir / 'mlflow.db').resolve()}")
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(
+                experiment, artifact_location=(self.dir / "mlartifacts").resolve().as_uri()
+            )
+        mlflow.set_experiment(experiment)
+        id_file = self.dir / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        self.run = mlflow.start_run(run_id=run_id, run_name=run_name)
+        id_file.write_text(self.run.info.run_id)
+
+    @property
+    def committed(self) -> int:
+        """The last step whose metrics are in MLflow (-1 for none)."""
+        return int(self.committed_file.read_text()) if self.committed_file.exists() else -1
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = _flatten(params)
+        logged = self._mlflow.get_run(self.run.info.run_id).data.params
+        # MLflow refuses to change a param; on resume the config must not have changed.
+        new = {k: v for k, v in flat.items() if k not in logged}
+        for i in range(0, len(new), 100):
+            self._mlflow.log_params(dict(list(new.items())[i : i + 100]))
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Record a finished step (pending until commit)."""
+        clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        with open(self.pending, "a") as f:
+            f.write(json.dumps({"step": step, "metrics": clean}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _pending(self) -> list[dict]:
+        if not self.pending.exists():
+            return []
+        rows = []
+        for line in self.pending.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash: it and anything after are incomplete
+        return rows
+
+    def commit(self, step: int) -> None:
+        """A checkpoint covering `step` exists: send pending metrics up to it to MLflow."""
+        from mlflow.entities import Metric
+
+        done = self.committed
+        rows = [r for r in self._pending() if done < r["step"] <= step]
+        client = self._mlflow.tracking.MlflowClient()
+        metrics = [Metric(k, v, 0, r["step"]) for r in rows for k, v in r["metrics"].items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(self.run.info.run_id, metrics=metrics[i : i + 1000])
+        _atomic_write(self.committed_file, str(step))
+        keep = [r for r in self._pending() if r["step"] > step]
+        _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def resume(self, checkpoint_step: int) -> None:
+        """Reconcile after a restart from the checkpoint of `checkpoint_step` (-1: none)."""
+        if checkpoint_step > self.committed:
+            self.commit(checkpoint_step)
+        keep = [r for r in self._pending() if r["step"] <= checkpoint_step]
+        _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric as MLflow holds it."""
+        client = self._mlflow.tracking.MlflowClient()
+        return [(m.step, m.value) for m in client.get_metric_history(self.run.info.run_id, key)]
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

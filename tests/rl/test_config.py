@@ -1,0 +1,71 @@
+"""Experiment config: strict YAML loading, overrides, and one-line errors that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from rl.config import ConfigError, ExperimentConfig, load_config, to_dict
+
+YAML = """
+model: {preset: tiny, overrides: {index_topk: 32}}
+rollout:
+  engine: native
+  samples_per_prompt: 4
+  sampling: {temperature: 0.9, top_k: 20, max_tokens: 8}
+optim: {lr: 1e-5}
+trainer: {total_steps: 3, output_dir: runs/x}
+"""
+
+
+def _write(tmp_path, text=YAML):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_with_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path), ["trainer.total_steps=7", "rollout.sampling.top_p=0.95"])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.trainer.total_steps == 7 and cfg.rollout.sampling.top_p == 0.95
+    assert cfg.optim.lr == 1e-5  # PyYAML reads 1e-5 as a string; still a float here
+    assert cfg.model.overrides == {"index_topk": 32}
+    assert to_dict(cfg)["rollout"]["sampling"]["top_k"] == 20
+    assert load_config(None).trainer.total_steps == 20  # all defaults
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["trainer.totl_steps=3"],
+            r"unknown config key 'trainer\.totl_steps'; did you mean "
+            r"'trainer\.total_steps'\?",
+        ),
+        (["rollot.engine=vllm"], r"unknown config key 'rollot'; did you mean 'rollout'\?"),
+        (["trainer.total_steps=many"], r"trainer\.total_steps: expected int, got 'many'"),
+        (["rollout.engine=sglang"], r"rollout\.engine: must be one of 'native' \| 'vllm'"),
+        (
+            ["rewards.verifiers=[{name: no_such_pkg.mod:score}]"],
+            r"rewards\.verifiers: cannot import 'no_such_pkg\.mod'",
+        ),
+        (["rewards.verifiers=[{name: mth}]"], r"unknown verifier 'mth'; did you mean 'math'"),
+        (
+            ["rollout.engine=vllm", "rollout.sampling.top_k=0", "rollout.sampling.top_p=0.9"],
+            r"also set rollout\.sampling\.top_k",
+        ),
+        (["rollout.samples_per_prompt=1"], r"samples_per_prompt must be >= 2"),
+        (["data.path=tasks.jsonl"], r"set exactly one of data\.task .* or data\.path"),
+        (["trainer.total_steps"], r"expected key\.sub=value"),
+    ],
+)
+def test_errors_are_one_line_and_name_the_fix(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(_write(tmp_path), overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(_write(tmp_path, "model: [unclosed"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
