@@ -32,7 +32,30 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. trainer.total_steps=10",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in trainer.output_dir from its last checkpoint",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config before running"
+    )
+
+
 COMMANDS: dict[str, Command] = {
+    "train": Command(
+        help="run a GRPO experiment from a YAML config",
+        add_arguments=_train_arguments,
+        handler="rl.trainer",
+    ),
     "demo": Command(
         help="build a tiny DSA policy, run it, and print what it did",
         add_arguments=_demo_arguments,
@@ -66,3 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = importlib.import_module(COMMANDS[args.command].handler)
     return handler.main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,24 +32,31 @@ class Tracker:
         experiment: str = "keeprl",
         run_name: str | None = None,
     ) -> None:
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending = self.dir / "metrics.pending.jsonl"
         self.committed_file = self.dir / "metrics.committed"
-        self._mlflow = mlflow
-        # Default: a local SQLite store in the run directory (MLflow's file store is frozen).
-        mlflow.set_tracking_uri(uri or f"sqlite:///{(self.dir / 'mlflow.db').resolve()}")
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(
+        # A client, not mlflow's module-level "active run", so several trackers (and the
+        # user's own MLflow use) can share a process. Default: a local SQLite store in the
+        # run directory (MLflow's file store is frozen).
+        self.client = MlflowClient(uri or f"sqlite:///{(self.dir / 'mlflow.db').resolve()}")
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(
                 experiment, artifact_location=(self.dir / "mlartifacts").resolve().as_uri()
             )
-        mlflow.set_experiment(experiment)
+        )
         id_file = self.dir / "mlflow_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=run_name)
-        id_file.write_text(self.run.info.run_id)
+        if id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            id_file.write_text(self.run_id)
 
     @property
     def committed(self) -> int:
@@ -57,15 +64,21 @@ class Tracker:
         return int(self.committed_file.read_text()) if self.committed_file.exists() else -1
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = _flatten(params)
-        logged = self._mlflow.get_run(self.run.info.run_id).data.params
-        # MLflow refuses to change a param; on resume the config must not have changed.
-        new = {k: v for k, v in flat.items() if k not in logged}
-        for i in range(0, len(new), 100):
-            self._mlflow.log_params(dict(list(new.items())[i : i + 100]))
+        from mlflow.entities import Param
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._mlflow.log_artifact(str(path))
+        logged = self.client.get_run(self.run_id).data.params
+        # MLflow refuses to change a param; on resume the config must not have changed.
+        new = [Param(k, v) for k, v in _flatten(params).items() if k not in logged]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a directory's files, as artifacts of the run."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Record a finished step (pending until commit)."""
@@ -92,10 +105,9 @@ class Tracker:
 
         done = self.committed
         rows = [r for r in self._pending() if done < r["step"] <= step]
-        client = self._mlflow.tracking.MlflowClient()
         metrics = [Metric(k, v, 0, r["step"]) for r in rows for k, v in r["metrics"].items()]
         for i in range(0, len(metrics), 1000):
-            client.log_batch(self.run.info.run_id, metrics=metrics[i : i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         _atomic_write(self.committed_file, str(step))
         keep = [r for r in self._pending() if r["step"] > step]
         _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
@@ -109,11 +121,10 @@ class Tracker:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of a metric as MLflow holds it."""
-        client = self._mlflow.tracking.MlflowClient()
-        return [(m.step, m.value) for m in client.get_metric_history(self.run.info.run_id, key)]
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
-    def close(self) -> None:
-        self._mlflow.end_run()
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
