@@ -92,6 +92,9 @@ class AlgorithmConfig:
     std_normalize: bool = False
     keep_routing: bool = True
     keep_sampling_mask: bool = True
+    # Optimizer steps on each rollout batch (the clipped ratio keeps the later ones close to
+    # the sampler); more than 1 reuses the costly rollouts.
+    updates_per_batch: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +180,7 @@ def _check(cfg: ExperimentConfig) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"rewards.verifiers: {e}") from None
     for name, value in [
+        ("algorithm.updates_per_batch", cfg.algorithm.updates_per_batch),
         ("trainer.total_steps", cfg.trainer.total_steps),
         ("checkpoint.every", cfg.checkpoint.every),
         ("rollout.workers", cfg.rollout.workers),

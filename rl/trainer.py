@@ -84,7 +84,7 @@ def learner_config(cfg: ExperimentConfig) -> LearnerConfig:
         grad_clip=o.grad_clip,
         warmup_steps=o.warmup_steps,
         lr_schedule=o.lr_schedule,
-        total_steps=cfg.trainer.total_steps,
+        total_steps=cfg.trainer.total_steps * a.updates_per_batch,
         micro_batch_tokens=o.micro_batch_tokens,
         keep_routing=a.keep_routing,
         keep_sampling_mask=a.keep_sampling_mask,
@@ -304,7 +304,19 @@ def _step(
     rewards = [s["reward"] for s in scores]
     groups = [step * cfg.data.prompts_per_step + t.prompt_index for t in trajs]
     batch = Batch.from_trajectories(trajs, rewards, groups)
-    metrics = ray.get(learner.step.remote(batch))
+    # The first update's metrics measure the sampler against the weights it sampled with;
+    # later updates (algorithm.updates_per_batch) add their loss and clipping only.
+    updates = ray.get([learner.step.remote(batch) for _ in range(cfg.algorithm.updates_per_batch)])
+    metrics = updates[0]
+    if len(updates) > 1:
+        last = updates[-1]
+        metrics.update(
+            {
+                f"last_update/{k}": last[k]
+                for k in ("loss", "clip_low_frac", "clip_high_frac", "ratio_mean", "kl")
+                if k in last
+            }
+        )
     pool.update_weights(learner.state_dict.remote(), step + 1)
     store.write_step(
         step,
