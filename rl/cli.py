@@ -50,7 +50,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory written by keeprl train")
+    parser.add_argument("--step", type=int, required=True, help="the logged step to replay")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+    parser.add_argument("--verifier", help="re-score the responses with this verifier")
+    parser.add_argument("--top", type=int, default=10, help="worst tokens to list")
+
+
 COMMANDS: dict[str, Command] = {
+    "replay": Command(
+        help="recompute a logged step's learner log-probs and report sampler/learner mismatch",
+        add_arguments=_replay_arguments,
+        handler="rl.replay",
+    ),
     "train": Command(
         help="run a GRPO experiment from a YAML config",
         add_arguments=_train_arguments,

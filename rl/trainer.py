@@ -291,6 +291,8 @@ def _step(
         n=cfg.rollout.samples_per_prompt,
     )
     rollout_s = time.perf_counter() - start
+    for t in trajs:  # stored with the rollouts, so `keeprl replay --verifier` can re-score
+        t.extra["reference"] = tasks[t.prompt_index].reference
     samples = [
         rewards_pkg.Sample(
             tasks[t.prompt_index].prompt,

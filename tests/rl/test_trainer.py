@@ -3,6 +3,7 @@ checkpoints, and a run killed mid-step then resumed without losing or duplicatin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,15 @@ def test_train_writes_metrics_rollouts_and_checkpoints(tmp_path, monkeypatch):
     gaps = [v for _, v in tracker.history("logp_gap_max")]
     tracker.close()
     assert max(gaps) < 1e-4  # native engine and learner compute the same log-probs
+
+    # keeprl replay of a logged step, with the weights that sampled it
+    out = tmp_path / "replay.json"
+    assert cli(["replay", str(run), "--step", "2", "--json", str(out), "--verifier", "math"]) == 0
+    report = json.loads(out.read_text())
+    assert report["variants"]["routing+mask"]["gap_max"] < 1e-5  # float32 storage of pi_old
+    assert report["variants"]["neither"]["gap_mean"] > 1e-3  # without the mask: biased
+    assert report["rescored"]["rescored_mean"] == report["rescored"]["logged_mean"]
+    assert len(report["routing_disagreement_by_layer"]) == 1
 
 
 def test_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path, monkeypatch):
