@@ -1,0 +1,308 @@
+"""Worker-side hooks of the vLLM engine: per-request MoE routing capture, a sampler-logits
+probe, and the in-place weight reload.
+
+Every public function here takes the vLLM worker as its first argument. The engine reaches
+them by name: `WorkerExtension` is mixed into vLLM's worker class (`LLM(worker_extension_cls=
+EXTENSION)`), so `LLM.collective_rpc("keeprl_collect_routing", args=...)` runs on the worker
+whether vLLM runs in-process or in worker processes (vLLM will not ship a function object to a
+worker process without insecure pickling). State lives on the worker, as
+`worker.keeprl_capture`.
+
+Routing capture. vLLM's own recorder (`enable_return_routed_experts`) needs Model Runner V2,
+which needs GPU Triton. On the CPU runner we use the MoE routers' `set_capture_fn` hook: each
+MoE layer hands us the logical expert ids [tokens_in_step, top_k] it routed every row of a
+forward step to. Which rows belong to which request is known only to the step's scheduler
+output, so the runner's `execute_model` is wrapped (on this runner instance only) to see it:
+rows follow the persistent batch's request order, `num_scheduled_tokens[req]` rows each,
+starting at the request's `num_computed_tokens`. Rows are stored by position, so a request
+that is preempted and recomputed overwrites its rows instead of duplicating them. Prefix
+caching must be off: a cached prompt token is never forwarded and so has no row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _moe_runners(model: torch.nn.Module) -> dict[int, Any]:
+    """The model's MoE layers by decoder layer index."""
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    return {m.layer_id: m for m in model.modules() if isinstance(m, MoERunner)}
+
+
+class RoutingCapture:
+    """Per-request routing rows of one worker.
+
+    rows[req_id]: (first position, ids [n, n_moe_layers, top_k] int16) segments, one per
+    forward step the request took part in. errors: problems found inside vLLM's step loop,
+    raised to the caller at the next `collect_routing` (raising there would kill the engine).
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.layers = sorted(_moe_runners(runner.get_model()))
+        self.enabled = True
+        self.in_step = False
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.rows: dict[str, list[tuple[int, np.ndarray]]] = {}
+        self.errors: list[str] = []
+        self.logits: dict[str, list[np.ndarray]] | None = None
+        self.original_execute_model = runner.execute_model
+
+    def on_route(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        # Called inside the forward: keep it to one copy (the router may reuse its buffer).
+        if self.enabled and self.in_step:
+            self.pending.append((layer_id, topk_ids.detach().to("cpu", torch.int16, copy=True)))
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        self.pending.clear()
+        self.in_step = True
+        try:
+            return self.original_execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            self.in_step = False
+            if self.enabled:
+                try:
+                    self.end_step(scheduler_output)
+                except Exception as e:  # noqa: BLE001 (reported at collect time instead)
+                    self.errors.append(f"{type(e).__name__}: {e}")
+            self.pending.clear()
+
+    def end_step(self, so: Any) -> None:
+        """Split this step's captured rows among the requests it scheduled."""
+        total = int(so.total_num_scheduled_tokens)
+        if total == 0:
+            return
+        if not self.pending:
+            self.errors.append(f"a forward step of {total} tokens captured no routing")
+            return
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for layer_id, ids in self.pending:
+            by_layer.setdefault(layer_id, []).append(ids)
+        if sorted(by_layer) != self.layers:
+            self.errors.append(
+                f"routing captured for MoE layers {sorted(by_layer)}, expected {self.layers}"
+            )
+            return
+        stacked = []
+        for layer_id in self.layers:
+            ids = torch.cat(by_layer[layer_id])
+            # Rows beyond `total` would be padding; fewer rows means tokens went unrecorded.
+            if ids.shape[0] < total:
+                self.errors.append(
+                    f"MoE layer {layer_id} captured {ids.shape[0]} rows for a step of {total} "
+                    "tokens"
+                )
+                return
+            stacked.append(ids[:total])
+        step = torch.stack(stacked, dim=1).numpy()  # [total, n_moe_layers, top_k]
+        starts = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+        cached = so.scheduled_cached_reqs
+        starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        offset = 0
+        for req_id in self.runner.input_batch.req_ids:
+            n = so.num_scheduled_tokens.get(req_id, 0)
+            if n:
+                segment = (starts[req_id], step[offset : offset + n])
+                self.rows.setdefault(req_id, []).append(segment)
+                offset += n
+        if offset != total:
+            self.errors.append(f"batch order covers {offset} of the step's {total} tokens")
+
+    def on_sample(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the sampler: keep each request's logits row (test probe)."""
+        if self.logits is None:
+            return
+        logits = args[0] if args else kwargs["logits"]
+        rows = logits.detach().float().cpu().numpy()
+        for i, req_id in enumerate(self.runner.input_batch.req_ids):
+            self.logits.setdefault(req_id, []).append(rows[i].copy())
+
+
+def install_capture(worker: Any, record_logits: bool = False) -> int:
+    """Attach the routing capture (and, if asked, the sampler-logits probe) to this worker.
+
+    Returns the number of MoE layers hooked. Installing twice is a no-op apart from
+    `record_logits`.
+    """
+    runner = worker.model_runner
+    cap = getattr(worker, "keeprl_capture", None)
+    if cap is None:
+        cap = RoutingCapture(runner)
+        if not cap.layers:
+            raise RuntimeError("routing capture: the served model has no MoE layers")
+        for layer_id, moe in _moe_runners(runner.get_model()).items():
+            router = getattr(moe, "router", None)
+            if router is None or not hasattr(router, "set_capture_fn"):
+                raise RuntimeError(
+                    f"routing capture: MoE layer {layer_id} has no router capture hook "
+                    f"({type(router).__name__})"
+                )
+            router.set_capture_fn(lambda ids, layer_id=layer_id: cap.on_route(layer_id, ids))
+        # Why a wrapper: the router hook says which experts each row of a step picked, not
+        # whose rows they are; only the scheduler output handed to execute_model says that.
+        # It shadows the method on this runner instance only and calls straight through.
+        runner.execute_model = cap.execute_model
+        runner.sampler.register_forward_pre_hook(cap.on_sample, with_kwargs=True)
+        worker.keeprl_capture = cap
+    if record_logits and cap.logits is None:
+        cap.logits = {}
+    elif not record_logits:
+        cap.logits = None
+    return len(cap.layers)
+
+
+def set_capture_enabled(worker: Any, enabled: bool) -> None:
+    """Turn routing capture on or off (off: the hooks return at once; for baselines)."""
+    worker.keeprl_capture.enabled = enabled
+
+
+def reset_capture(worker: Any) -> None:
+    """Drop whatever earlier steps left behind (an interrupted generate, say)."""
+    cap = worker.keeprl_capture
+    cap.rows.clear()
+    cap.errors.clear()
+    if cap.logits is not None:
+        cap.logits.clear()
+
+
+def _external_id(req_id: str, wanted: set[str]) -> str | None:
+    # vLLM appends "-<8 random chars>" to the caller's request id inside the engine.
+    if req_id in wanted:
+        return req_id
+    head = req_id.rsplit("-", 1)[0]
+    return head if head in wanted else None
+
+
+Packed = tuple[str, list[int], bytes]
+
+
+def pack(array: np.ndarray) -> Packed:
+    """An array as (dtype, shape, bytes): survives vLLM's RPC encoding across processes, which
+    decodes an untyped numpy array as a bare list."""
+    return array.dtype.str, list(array.shape), np.ascontiguousarray(array).tobytes()
+
+
+def unpack(packed: Packed) -> np.ndarray:
+    dtype, shape, data = packed
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def collect_routing(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
+    """Routing per request [positions, n_moe_layers, top_k] (int16, packed), for the caller's
+    request ids, and forget it. Raises if a step went wrong or a request's positions have
+    gaps."""
+    cap = worker.keeprl_capture
+    errors, cap.errors = cap.errors, []
+    rows, cap.rows = cap.rows, {}
+    if errors:
+        raise RuntimeError("routing capture failed: " + "; ".join(errors[:3]))
+    wanted = set(request_ids)
+    out: dict[str, Packed] = {}
+    for req_id, segments in rows.items():
+        key = _external_id(req_id, wanted)
+        if key is None:
+            continue
+        length = max(start + len(ids) for start, ids in segments)
+        routed = np.full((length, *segments[0][1].shape[1:]), -1, dtype=np.int16)
+        for start, ids in segments:
+            routed[start : start + len(ids)] = ids
+        if (routed < 0).any():
+            gap = int(np.nonzero((routed < 0).any(axis=(1, 2)))[0][0])
+            raise RuntimeError(f"routing capture: request {key} has no routing at position {gap}")
+        out[key] = pack(routed)
+    return out
+
+
+def collect_logits(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
+    """The sampler's input logits per request [steps, vocab] float32 (test probe, packed), and
+    forget them. A request's last len(response) rows are the ones its tokens were sampled
+    from."""
+    cap = worker.keeprl_capture
+    logits, cap.logits = cap.logits or {}, {}
+    wanted = set(request_ids)
+    out = {}
+    for req_id, rows in logits.items():
+        key = _external_id(req_id, wanted)
+        if key is not None:
+            out[key] = pack(np.stack(rows))
+    return out
+
+
+def checkpoint_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of a safetensors checkpoint directory."""
+    from safetensors import safe_open
+
+    root = Path(directory)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    for fname in files:
+        with safe_open(root / fname, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def reload_weights(worker: Any, source: list[tuple[str, torch.Tensor]] | str) -> None:
+    """Load new weights into the running model: vLLM's in-place reload, then the one step it
+    skips on CPU.
+
+    source: (HF name, tensor) pairs, or a checkpoint directory read on the worker. vLLM's
+    reload re-runs each layer's post-load processing; for MoE layers whose kernel already
+    exists it copies the new plain [E, 2I, D] / [E, D, I] expert weights into place but skips
+    the CPU experts' repacking into their blocked layout, which the kernel then misreads. We
+    run that repacking (the experts' own post-load step, as on first load) for every MoE layer.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.platforms import current_platform
+
+    weights = checkpoint_tensors(source) if isinstance(source, str) else iter(source)
+    experts = []
+    if current_platform.is_cpu():
+        for module in worker.model_runner.get_model().modules():
+            if isinstance(module, RoutedExperts):
+                kernel = getattr(module.quant_method, "moe_kernel", None)
+                fused = getattr(kernel, "fused_experts", None)
+                if not isinstance(fused, CPUUnquantizedExperts):
+                    raise NotImplementedError(
+                        f"in-place reload knows only plain CPU experts, not {type(fused)}"
+                    )
+                experts.append((module, fused))
+    worker.reload_weights(weights_iterator=weights)
+    for module, fused in experts:
+        fused.process_weights_after_loading(module)
+
+
+class WorkerExtension:
+    """Methods vLLM mixes into its worker class, so collective_rpc can call them by name."""
+
+    def keeprl_install_capture(self, record_logits: bool = False) -> int:
+        return install_capture(self, record_logits)
+
+    def keeprl_set_capture_enabled(self, enabled: bool) -> None:
+        set_capture_enabled(self, enabled)
+
+    def keeprl_reset_capture(self) -> None:
+        reset_capture(self)
+
+    def keeprl_collect_routing(self, request_ids: list[str]) -> dict[str, Packed]:
+        return collect_routing(self, request_ids)
+
+    def keeprl_collect_logits(self, request_ids: list[str]) -> dict[str, Packed]:
+        return collect_logits(self, request_ids)
+
+    def keeprl_reload_weights(self, source: list[tuple[str, torch.Tensor]] | str) -> None:
+        reload_weights(self, source)
+
+
+EXTENSION = f"{__name__}.WorkerExtension"

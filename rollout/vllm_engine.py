@@ -1,0 +1,592 @@
+"""The vLLM rollout engine: generation that records MoE routing, the sampling mask and pi_old.
+
+`VLLMEngine(checkpoint_dir, **engine_kwargs)` serves a checkpoint written by
+`policy.save_pretrained` and returns `Trajectory` records from `generate(prompts, sampling, n)`.
+
+Serving. On GPUs the checkpoint is served as what it is, `DeepseekV32ForCausalLM` (sparse
+attention). vLLM's CPU platform refuses sparse attention, so on CPU the engine serves the
+*dense equivalent*: a serving directory (in a temp dir the engine owns) whose config.json says
+`DeepseekV3ForCausalLM` without the indexer keys, holding hard links to the same weights (vLLM
+skips the indexer tensors). That model equals DSA only while every sequence fits in
+index_topk, so on CPU a request with prompt + max_tokens > index_topk is refused. vLLM's
+DeepseekV3 runs in bf16 on CPU: the engine serves bf16.
+
+What is recorded, per response token (see rollout.trajectory):
+- pi_old: the sampled token's log-prob after temperature/top-k/top-p, vLLM's "processed"
+  log-probs. Greedy (temperature 0) is the exception vLLM makes: it returns the untempered
+  log-softmax of the raw logits there, and so do we.
+- kept ids: with processed log-probs, tokens cut by top-k/top-p come back as -inf, so asking
+  for the top N log-probs with N >= the kept-set size shows the kept set exactly (the finite
+  entries). With top-k, N = top_k + tie_margin: ties at the k-th logit are all kept (bf16
+  logits tie often), and a position whose N entries are all finite might hide more, so it
+  fails loudly instead of recording a short set. top-p without a top-k bound can keep any
+  number of tokens: refused at configuration time. Where tokens tie exactly at the top-p
+  boundary, the set is whichever of them vLLM's sort kept (rollout.sampling may pick others).
+  vLLM's `return_sampling_mask` needs Model Runner V2 (GPU Triton) and is not used. Log-probs
+  come back as vLLM's flat lists (`flat_logprobs`), read with numpy.
+- routing [prompt + response - 1, n_moe_layers, top_k]: on CPU through the MoE router capture
+  hook (rollout/_vllm_capture.py); on GPUs through vLLM's `enable_return_routed_experts`
+  (untested here: no GPU). Prefix caching is forced off (cached tokens have no routing).
+
+Weight updates: in place (vLLM's reload plus the CPU expert repacking it skips; proven
+bit-identical to a fresh engine by tests/rollout/test_vllm_engine.py), falling back to an
+engine rebuild (drop it, build anew on the new weights) if the in-place route raises.
+
+Worker calls go through `collective_rpc` by method name (rollout/_vllm_capture.py's
+WorkerExtension, mixed into vLLM's worker class), so the engine also works with vLLM's worker
+in another process (VLLM_ENABLE_V1_MULTIPROCESSING=1; there a state-dict update is staged as
+a safetensors file for the worker to read).
+
+Process environment: vLLM is run in this process by default. Before vLLM is first imported the
+engine sets, unless already set: HF_HUB_OFFLINE=1 (never download), VLLM_ENABLE_V1_MULTI-
+PROCESSING=0 (engine and worker in-process: ~2.5 s start instead of 15-45 s, no __main__
+guard needed) and VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache on CPU). In-process vLLM reseeds
+the global RNGs and disables torch.set_num_threads for the whole process; the engine restores
+both after starting vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policy.args import ModelArgs
+from policy.checkpoint import INDEX_FILE, SINGLE_FILE, hf_tensors
+
+from . import _vllm_capture as capture
+from .trajectory import Sampling, Trajectory, compact_routing
+
+log = logging.getLogger(__name__)
+
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+# Settings the recording depends on: a caller may not change them.
+REQUIRED_KWARGS = {
+    "logprobs_mode": "processed_logprobs",  # log-probs after top-k/top-p, -inf where cut
+    "enable_prefix_caching": False,  # a cached prompt token is not forwarded: no routing
+    "skip_tokenizer_init": True,  # token ids in and out; no tokenizer needed or loaded
+    "worker_extension_cls": capture.EXTENSION,  # the keeprl_* worker methods called by name
+}
+DEFAULT_TIE_MARGIN = 16
+DEFAULT_MAX_LOGPROBS = 256
+# vLLM samples greedily below this temperature.
+_GREEDY_BELOW = 1e-5
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Undo what starting vLLM in-process does to the caller's process: reseeding the global
+    RNGs and replacing torch.set_num_threads with a warning no-op."""
+    py_rng, np_rng, torch_rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+        torch.set_rng_state(torch_rng)
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+
+
+def dense_equivalent_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the dense model a DSA checkpoint equals while sequences fit index_topk.
+
+    vLLM picks sparse attention by the presence of `index_topk`, so the indexer keys go.
+    """
+    out = {k: v for k, v in config.items() if not k.startswith("index")}
+    out.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    return out
+
+
+def _weight_file_names(directory: Path) -> list[str]:
+    if (directory / INDEX_FILE).exists():
+        index = json.loads((directory / INDEX_FILE).read_text())
+        return sorted(set(index["weight_map"].values())) + [INDEX_FILE]
+    if not (directory / SINGLE_FILE).exists():
+        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    return [SINGLE_FILE]
+
+
+def _tensor_names(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for fname in _weight_file_names(directory):
+        if fname != INDEX_FILE:
+            with safe_open(directory / fname, framework="pt") as f:
+                names.update(f.keys())
+    return names
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link keeps the served bytes fixed even if the source directory is rewritten later
+    # (save_pretrained replaces its files); a symlink would follow the new files.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class _StateDictView:
+    """Lets policy.checkpoint.hf_tensors, which reads `model.state_dict()`, split a bare
+    state dict (stacked routed experts -> per-expert HF names)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self._state
+
+
+class VLLMEngine:
+    """Rollout engine on vLLM (`vllm` on GPUs, `vllm-cpu` here). See the module docstring.
+
+    checkpoint_dir: a policy.save_pretrained directory. weight_version: stamped on every
+    trajectory until update_weights changes it. tie_margin: extra top-N log-probs asked for
+    beyond top_k, to see ties at the k-th logit. work_dir: where the serving directories go
+    (default: the system temp dir). engine_kwargs: passed to `vllm.LLM` (defaults: bf16,
+    eager mode, max_logprobs 256, max_model_len = index_topk on CPU).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        weight_version: int = 0,
+        tie_margin: int = DEFAULT_TIE_MARGIN,
+        work_dir: str | Path | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        for key, value in ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from vllm.platforms import current_platform
+
+        checkpoint_dir = Path(checkpoint_dir)
+        self.args = ModelArgs.from_json(checkpoint_dir)
+        self.config = json.loads((checkpoint_dir / "config.json").read_text())
+        self.tensor_names = _tensor_names(checkpoint_dir)
+        self.dense = current_platform.is_cpu()
+        self.weight_version = int(weight_version)
+        self.tie_margin = int(tie_margin)
+        self.llm_kwargs = self._llm_kwargs(engine_kwargs)
+        self.max_logprobs = int(self.llm_kwargs["max_logprobs"])
+        self.max_model_len = int(self.llm_kwargs["max_model_len"])
+        self._root = Path(tempfile.mkdtemp(prefix="keeprl-vllm-", dir=work_dir))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
+        self._serial = 0
+        self.llm: Any = None
+        self._start(self._serving_dir(checkpoint_dir))
+
+    # ---- configuration -------------------------------------------------------------------
+    def _llm_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key, value in REQUIRED_KWARGS.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(f"VLLMEngine needs {key}={value!r} to record rollouts")
+        limit = self.args.max_position_embeddings
+        if self.dense:
+            limit = min(limit, self.args.index_topk)
+            if kwargs.get("max_model_len", 0) > limit:
+                raise ValueError(
+                    f"max_model_len={kwargs['max_model_len']} exceeds index_topk="
+                    f"{self.args.index_topk}: on CPU vLLM serves the dense equivalent of the DSA "
+                    "model, which equals it only up to index_topk tokens"
+                )
+        out = {
+            "dtype": "bfloat16",
+            "enforce_eager": True,
+            "max_logprobs": min(self.args.vocab_size, DEFAULT_MAX_LOGPROBS),
+            "max_model_len": limit,
+            **kwargs,
+            **REQUIRED_KWARGS,
+        }
+        if not self.dense:
+            out.setdefault("enable_return_routed_experts", True)
+        return out
+
+    def logprobs_needed(self, sampling: Sampling) -> int:
+        """How many top log-probs per token `sampling` needs recorded (0: the sampled token's
+        only). Raises ValueError for a sampling whose kept set cannot be recorded exactly."""
+        t = sampling.temperature
+        if 0 < t < _GREEDY_BELOW:
+            raise ValueError(f"temperature={t} is below {_GREEDY_BELOW}: vLLM samples greedily")
+        if not sampling.truncated:
+            return 0
+        if sampling.top_k <= 0:
+            raise ValueError(
+                f"top_p={sampling.top_p} without a top_k bound: the kept set can hold any number "
+                "of tokens, more than vLLM's top-N log-probs can show, so the sampling mask "
+                "cannot be recorded exactly; set top_k as well (e.g. top_k=64)"
+            )
+        needed = min(self.args.vocab_size, sampling.top_k + self.tie_margin)
+        if needed > self.max_logprobs:
+            raise ValueError(
+                f"top_k={sampling.top_k} needs {needed} log-probs per token (top_k + tie_margin "
+                f"{self.tie_margin}); start the engine with max_logprobs >= {needed}"
+            )
+        return needed
+
+    def _check_lengths(self, prompts: list[list[int]], sampling: Sampling) -> None:
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            total = len(prompt) + sampling.max_tokens
+            if self.dense and total > self.args.index_topk:
+                raise ValueError(
+                    f"prompt {i}: {len(prompt)} tokens + max_tokens {sampling.max_tokens} = "
+                    f"{total} exceeds index_topk={self.args.index_topk}: on CPU vLLM serves the "
+                    "dense equivalent of the DSA model, which would attend to tokens DSA drops; "
+                    "shorten the request or use the native engine"
+                )
+            if total > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i}: {total} tokens exceed max_model_len={self.max_model_len}"
+                )
+
+    def _params(self, sampling: Sampling, n_logprobs: int, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),
+            max_tokens=sampling.max_tokens,
+            seed=seed,
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=True,  # a response ends at stop_token_ids or max_tokens, nothing else
+            logprobs=n_logprobs,
+            flat_logprobs=True,  # flat lists instead of a dict of objects per token
+            detokenize=False,
+        )
+
+    # ---- serving -------------------------------------------------------------------------
+    def _serving_dir(self, source: Path | Mapping[str, torch.Tensor]) -> Path:
+        """A fresh directory vLLM can load: the config it should see plus the weights."""
+        self._serial += 1
+        out = self._root / f"serve-{self._serial}"
+        out.mkdir()
+        config = dense_equivalent_config(self.config) if self.dense else self.config
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if isinstance(source, Path):
+            for fname in _weight_file_names(source):
+                _link_or_copy(source / fname, out / fname)
+        else:
+            from safetensors.torch import save_file
+
+            tensors = {name: t.contiguous().clone() for name, t in self._hf_items(source)}
+            save_file(tensors, out / SINGLE_FILE, metadata={"format": "pt"})
+        return out
+
+    def _start(self, serving_dir: Path) -> None:
+        from vllm import LLM
+
+        with _process_state_kept():
+            self.llm = LLM(model=str(serving_dir), **self.llm_kwargs)
+        if self.dense:
+            self._rpc("keeprl_install_capture")
+        for old in self._root.glob("serve-*"):
+            if old != serving_dir:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _rpc(self, method: str, *args: Any) -> Any:
+        """Call a keeprl_* worker method (rollout._vllm_capture.WorkerExtension); the first
+        worker's answer (tensor-parallel workers route alike)."""
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def close(self) -> None:
+        """Stop vLLM and delete the serving directories."""
+        self.llm = None
+        gc.collect()
+        self._cleanup()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, n: int = 1
+    ) -> list[Trajectory]:
+        """n responses per prompt, prompt-major order. With a seed, response j of prompt i is
+        drawn with seed + i * n + j."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        n_logprobs = self.logprobs_needed(sampling)
+        self._check_lengths(prompts, sampling)
+        outputs = self._run(prompts, sampling, n, n_logprobs)
+        ids = [o.request_id for o in outputs]
+        routing = {}
+        if self.dense:
+            packed = self._rpc("keeprl_collect_routing", ids)
+            routing = {key: capture.unpack(value) for key, value in packed.items()}
+        trajectories = [
+            self._trajectory(k // n, out, sampling, n_logprobs, routing.get(out.request_id))
+            for k, out in enumerate(outputs)
+        ]
+        self._check_routing(trajectories)
+        return trajectories
+
+    def generate_plain(
+        self, prompts: list[list[int]], sampling: Sampling, n: int = 1
+    ) -> list[list[int]]:
+        """Response token ids only: plain vLLM with routing capture off and no log-probs asked.
+        The baseline benchmarks/rollout.py measures the recording cost against."""
+        self._check_lengths(prompts, sampling)
+        if self.dense:
+            self._rpc("keeprl_set_capture_enabled", False)
+        try:
+            outputs = self._run(prompts, sampling, n, None)
+        finally:
+            if self.dense:
+                self._rpc("keeprl_set_capture_enabled", True)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def _run(
+        self, prompts: list[list[int]], sampling: Sampling, n: int, n_logprobs: int | None
+    ) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine is closed")
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                seed = None if sampling.seed is None else sampling.seed + i * n + j
+                requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in prompt]))
+                params.append(self._params(sampling, n_logprobs, seed))
+        if self.dense:
+            self._rpc("keeprl_reset_capture")
+        return self.llm.generate(requests, params, use_tqdm=False)
+
+    def _trajectory(
+        self,
+        prompt_index: int,
+        out: Any,
+        sampling: Sampling,
+        n_logprobs: int,
+        routing: np.ndarray | None,
+    ) -> Trajectory:
+        completion = out.outputs[0]
+        response = list(completion.token_ids)
+        if completion.finish_reason not in ("stop", "length"):
+            raise RuntimeError(
+                f"request {out.request_id} ended with finish_reason={completion.finish_reason!r}"
+            )
+        logprobs, kept = self._decode_logprobs(out.request_id, completion, sampling, n_logprobs)
+        if routing is None and self.dense:
+            raise RuntimeError(f"request {out.request_id}: routing capture returned nothing")
+        if routing is None:
+            routing = self._returned_routing(out.request_id, completion)
+        return Trajectory(
+            prompt_ids=list(out.prompt_token_ids),
+            response_ids=response,
+            logprobs=logprobs,
+            routing=compact_routing(routing),
+            kept_ids=kept,
+            sampling=sampling,
+            finish_reason=completion.finish_reason,
+            engine=self.name,
+            weight_version=self.weight_version,
+            prompt_index=prompt_index,
+            extra={"request_id": out.request_id},
+        )
+
+    def _decode_logprobs(
+        self, request_id: str, completion: Any, sampling: Sampling, n_logprobs: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """pi_old [R] and the kept ids of each position from vLLM's flat log-probs.
+
+        Each position holds 1 + n_logprobs entries: the sampled token first, then the top
+        n_logprobs (which may repeat it), -inf where top-k/top-p cut.
+        """
+        flat = completion.logprobs
+        response = np.asarray(completion.token_ids, dtype=np.int64)
+        if flat is None or len(flat.start_indices) != len(response):
+            raise RuntimeError(f"request {request_id}: vLLM returned no log-prob per token")
+        width = 1 + n_logprobs
+        if np.any(np.subtract(flat.end_indices, flat.start_indices) != width):
+            raise RuntimeError(f"request {request_id}: expected {width} log-probs per token")
+        ids = np.asarray(flat.token_ids, dtype=np.int64).reshape(-1, width)
+        values = np.asarray(flat.logprobs, dtype=np.float64).reshape(-1, width)
+        bad = (ids[:, 0] != response) | ~np.isfinite(values[:, 0])
+        if bad.any():
+            t = int(np.argmax(bad))
+            raise RuntimeError(
+                f"request {request_id}, response position {t}: vLLM returned no finite "
+                f"log-prob for the sampled token {int(response[t])}"
+            )
+        pi_old = values[:, 0].astype(np.float32)
+        if not sampling.truncated:
+            return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
+        finite = np.isfinite(values[:, 1:])
+        if n_logprobs < self.args.vocab_size and finite.all(axis=1).any():
+            t = int(np.argmax(finite.all(axis=1)))
+            raise RuntimeError(
+                f"request {request_id}, response position {t}: all {n_logprobs} returned "
+                f"log-probs are finite, so top-k ties may have kept more tokens than were "
+                f"returned; raise tie_margin (now {self.tie_margin})"
+            )
+        top = ids[:, 1:]
+        inside = ((top == response[:, None]) & finite).any(axis=1)
+        if not inside.all():  # impossible unless vLLM's sampler and log-probs disagree
+            t = int(np.argmin(inside))
+            raise RuntimeError(
+                f"request {request_id}, position {t}: sampled token {int(response[t])} is "
+                "outside the recorded kept set"
+            )
+        # Ascending kept ids first in each row (the cut entries sort last as `vocab`).
+        ordered = np.sort(np.where(finite, top, self.args.vocab_size), axis=1).astype(np.int32)
+        return pi_old, [ordered[t, :c] for t, c in enumerate(finite.sum(axis=1).tolist())]
+
+    def _returned_routing(self, request_id: str, completion: Any) -> np.ndarray:
+        """Routing from vLLM's own recorder (GPU, Model Runner V2). Untested here."""
+        routed = getattr(completion, "routed_experts", None)
+        if routed is None:
+            raise RuntimeError(f"request {request_id}: vLLM returned no routed experts")
+        routed = np.asarray(routed)
+        if routed.shape[1] == self.args.num_hidden_layers:  # dense layers' rows are unused
+            routed = routed[:, self.args.first_k_dense_replace :]
+        return routed
+
+    def _check_routing(self, trajectories: list[Trajectory]) -> None:
+        """Fail loudly on routing that cannot be what the model did."""
+        args = self.args
+        shape = (args.n_moe_layers, args.num_experts_per_tok)
+        any_nonzero = False
+        for i, traj in enumerate(trajectories):
+            r = traj.routing
+            # The final token is never forwarded on CPU; vLLM's own recorder may count it.
+            rows = (traj.num_tokens - 1,) if self.dense else (traj.num_tokens - 1, traj.num_tokens)
+            if r.shape[0] not in rows or r.shape[1:] != shape:
+                raise RuntimeError(
+                    f"trajectory {i}: routing shape {r.shape}, expected "
+                    f"({traj.num_tokens - 1}, {shape[0]}, {shape[1]})"
+                )
+            if r.size and (int(r.min()) < 0 or int(r.max()) >= args.n_routed_experts):
+                raise RuntimeError(f"trajectory {i}: routing holds ids outside the experts")
+            if shape[1] > 1 and r.size:
+                ordered = np.sort(r, axis=-1)
+                if (ordered[..., 1:] == ordered[..., :-1]).any():
+                    raise RuntimeError(
+                        f"trajectory {i}: a token was routed to the same expert twice "
+                        "(an unwritten capture buffer?)"
+                    )
+            any_nonzero = any_nonzero or bool(r.any())
+        if trajectories and not any_nonzero:
+            raise RuntimeError("routing capture returned all zeros")
+
+    # ---- weights -------------------------------------------------------------------------
+    def _hf_items(self, state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, tensor in the serving dtype) of a policy state dict, checked for
+        completeness: a missing tensor would silently keep its old value in place."""
+        dtype = getattr(torch, str(self.llm_kwargs["dtype"]).removeprefix("torch."))
+        items = []
+        for name, t in hf_tensors(_StateDictView(state)):  # type: ignore[arg-type]
+            keep_fp32 = name.endswith("correction_bias") or not t.is_floating_point()
+            items.append((name, t.detach().to("cpu", None if keep_fp32 else dtype)))
+        names = {name for name, _ in items}
+        missing, unexpected = self.tensor_names - names, names - self.tensor_names
+        if missing or unexpected:
+            raise ValueError(
+                f"update_weights: state dict is missing {sorted(missing)[:5]} and has "
+                f"unexpected {sorted(unexpected)[:5]} (as HF names)"
+            )
+        return items
+
+    def _weights_source(
+        self, source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module
+    ) -> Path | Mapping[str, torch.Tensor]:
+        if isinstance(source, torch.nn.Module):
+            return source.state_dict()
+        if isinstance(source, Mapping):
+            return source
+        directory = Path(source)
+        if ModelArgs.from_json(directory) != self.args:
+            raise ValueError(f"update_weights: {directory} holds a different architecture")
+        names = _tensor_names(directory)
+        if names != self.tensor_names:
+            raise ValueError(
+                f"update_weights: {directory} tensors differ from the served checkpoint's: "
+                f"missing {sorted(self.tensor_names - names)[:5]}, "
+                f"unexpected {sorted(names - self.tensor_names)[:5]}"
+            )
+        return directory
+
+    def _reload_payload(self, src: Path | Mapping[str, torch.Tensor]) -> Any:
+        """What keeprl_reload_weights gets: a directory the worker reads, or (vLLM in this
+        process) the (HF name, tensor) pairs themselves."""
+        if isinstance(src, Path):
+            return str(src)
+        items = self._hf_items(src)
+        import vllm.envs
+
+        if not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            return items
+        # vLLM's RPC encoding cannot carry tensors in a list to a worker process: stage a file.
+        from safetensors.torch import save_file
+
+        staged = self._root / "staged"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        tensors = {name: t.contiguous().clone() for name, t in items}
+        save_file(tensors, staged / SINGLE_FILE, metadata={"format": "pt"})
+        return str(staged)
+
+    def update_weights(
+        self,
+        source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module,
+        version: int,
+        *,
+        route: str = "auto",
+    ) -> str:
+        """Load new policy weights: a policy state dict (our parameter names), a Transformer, or
+        a policy.save_pretrained directory. Returns the route that ran, "in-place" or
+        "rebuild"; route="auto" tries in-place first and rebuilds if it raises."""
+        if route not in ("auto", "in-place", "rebuild"):
+            raise ValueError(f"route must be 'auto', 'in-place' or 'rebuild', not {route!r}")
+        src = self._weights_source(source)
+        start = time.perf_counter()
+        ran = "rebuild"
+        if route != "rebuild":
+            payload = self._reload_payload(src)
+            try:
+                self._rpc("keeprl_reload_weights", payload)
+                ran = "in-place"
+            except Exception as e:
+                if route == "in-place":
+                    raise
+                log.warning("in-place weight update failed (%s: %s); rebuilding", type(e), e)
+        if ran == "rebuild":
+            serving = self._serving_dir(src)
+            self.llm = None
+            gc.collect()
+            self._start(serving)
+        self.weight_version = int(version)
+        log.info(
+            "vLLM engine: weights version %d loaded (%s, %.2f s)",
+            self.weight_version,
+            ran,
+            time.perf_counter() - start,
+        )
+        return ran
