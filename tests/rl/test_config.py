@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rl.config import ConfigError, ExperimentConfig, load_config, to_dict
@@ -69,3 +71,11 @@ def test_bad_yaml_file(tmp_path):
         load_config(_write(tmp_path, "model: [unclosed"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"quickstart.yaml", "native-sparse.yaml", "deepseek-v3.2-math.yaml"} <= set(names)
+    for name in names:
+        load_config(root / name)
