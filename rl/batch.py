@@ -70,6 +70,14 @@ class Batch:
         pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         return (pos >= self.prompt_lens.unsqueeze(1)) & self.attention_mask
 
+    @property
+    def routed_mask(self) -> torch.Tensor:
+        """[B, T] bool: tokens whose routing the sampler recorded (all but each row's last,
+        which never passed through the sampler's model)."""
+        mask = self.attention_mask.clone()
+        mask[torch.arange(self.size, device=mask.device), self.lengths - 1] = False
+        return mask
+
     def select(self, index: torch.Tensor) -> Batch:
         """Rows `index`, trimmed to their longest sequence (for micro-batches)."""
         t = int(self.lengths[index].max())

@@ -216,10 +216,9 @@ class Learner:
 
 
 def _routing_disagreement(learner_routing: torch.Tensor, mb: Batch) -> float:
-    """Sum over rows of the fraction of tokens (all but each row's last) routed to a different
-    expert set, in any MoE layer, than the sampler recorded (weighted per row)."""
+    """Sum over rows of the fraction of routed tokens sent to a different expert set, in any
+    MoE layer, than the sampler recorded (weighted per row)."""
     same = (learner_routing.sort(-1).values == mb.routing.sort(-1).values).all(-1).all(-1)
-    valid = mb.attention_mask.clone()
-    valid[torch.arange(mb.size), mb.lengths - 1] = False  # never routed by the sampler
+    valid = mb.routed_mask
     per_row = ((~same) & valid).sum(-1).float() / valid.sum(-1).clamp_min(1)
     return float(per_row.sum())

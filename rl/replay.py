@@ -125,8 +125,7 @@ def _worst(
 def _by_layer(learner_routing: torch.Tensor, batch: Batch) -> list[float]:
     """Per MoE layer, the fraction of routed tokens whose expert set differs."""
     same = (learner_routing.sort(-1).values == batch.routing.sort(-1).values).all(-1)
-    valid = batch.attention_mask.clone()
-    valid[torch.arange(batch.size), batch.lengths - 1] = False  # never routed by the sampler
+    valid = batch.routed_mask
     return [float((~same[..., i] & valid).sum() / valid.sum()) for i in range(same.shape[-1])]
 
 
