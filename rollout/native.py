@@ -93,7 +93,8 @@ class NativeEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = self.model.new_cache(b, width + sampling.max_tokens)
         step_out = self.model(ids, cache=cache, attention_mask=mask)
-        routing = [[step_out.routing[r, width - len(p) :].cpu()] for r, (_, p) in enumerate(rows)]
+        prompt_routing = step_out.routing.cpu()  # one device-to-host copy, not one per row
+        routing = [[prompt_routing[r, width - len(p) :]] for r, (_, p) in enumerate(rows)]
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         kept: list[list[np.ndarray]] = [[] for _ in rows]
@@ -121,8 +122,9 @@ class NativeEngine:
                 break
             # Finished rows keep decoding (batch shapes stay fixed); their outputs are ignored.
             step_out = self.model(s.tokens[:, None], cache=cache)
+            step_routing = step_out.routing.cpu()
             for r in active.nonzero().flatten().tolist():
-                routing[r].append(step_out.routing[r].cpu())
+                routing[r].append(step_routing[r])
         return [
             Trajectory(
                 prompt_ids=p,
