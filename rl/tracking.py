@@ -104,12 +104,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         done = self.committed
-        rows = [r for r in self._pending() if done < r["step"] <= step]
+        pending = self._pending()
+        rows = [r for r in pending if done < r["step"] <= step]
         metrics = [Metric(k, v, 0, r["step"]) for r in rows for k, v in r["metrics"].items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         _atomic_write(self.committed_file, str(step))
-        keep = [r for r in self._pending() if r["step"] > step]
+        keep = [r for r in pending if r["step"] > step]
         _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
 
     def resume(self, checkpoint_step: int) -> None:
