@@ -1,5 +1,5 @@
-"""Worker-side hooks of the vLLM engine: per-request MoE routing capture, a sampler-logits
-probe, and the in-place weight reload.
+"""Worker-side hooks of the vLLM engine: per-request MoE routing capture, the exact sampling
+mask (kept ids) from the sampler, a sampler-logits probe, and the in-place weight reload.
 
 Every public function here takes the vLLM worker as its first argument. The engine reaches
 them by name: `WorkerExtension` is mixed into vLLM's worker class (`LLM(worker_extension_cls=
@@ -17,6 +17,15 @@ rows follow the persistent batch's request order, `num_scheduled_tokens[req]` ro
 starting at the request's `num_computed_tokens`. Rows are stored by position, so a request
 that is preempted and recomputed overwrites its rows instead of duplicating them. Prefix
 caching must be off: a cached prompt token is never forwarded and so has no row.
+
+Sampling mask. vLLM's `return_sampling_mask` needs Model Runner V2 as well. On the CPU runner
+the sampler's top-k/top-p stage (`sampler.topk_topp_sampler`) returns, in the
+"processed_logprobs" mode, the log-probs it samples from: -inf exactly where top-k/top-p cut.
+A forward hook on that module keeps the finite entries' ids of every row, so the kept set is
+the sampler's own, of any size (no top-N limit, no tie margin). Rows follow the persistent
+batch's request order; rows vLLM discards (a prompt whose prefill is still partial samples a
+token that is thrown away) are skipped via the runner's `discard_request_mask`, so a request
+keeps one row per generated token, in order.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ class RoutingCapture:
         self.rows: dict[str, list[tuple[int, np.ndarray]]] = {}
         self.errors: list[str] = []
         self.logits: dict[str, list[np.ndarray]] | None = None
+        self.record_kept = False
+        self.kept: dict[str, list[np.ndarray]] = {}
         self.original_execute_model = runner.execute_model
 
     def on_route(self, layer_id: int, topk_ids: torch.Tensor) -> None:
@@ -116,6 +127,34 @@ class RoutingCapture:
         if offset != total:
             self.errors.append(f"batch order covers {offset} of the step's {total} tokens")
 
+    def on_truncate(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook of the sampler's top-k/top-p stage: keep each sampled row's kept ids."""
+        if not (self.enabled and self.record_kept):
+            return
+        processed = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if processed is None:
+            self.errors.append(
+                "the sampler returned no processed log-probs (logprobs_mode must be "
+                "'processed_logprobs'): the kept set cannot be recorded"
+            )
+            return
+        req_ids = self.runner.input_batch.req_ids
+        if processed.shape[0] != len(req_ids):
+            self.errors.append(
+                f"the sampler saw {processed.shape[0]} rows for {len(req_ids)} requests "
+                "(speculative decoding is not supported)"
+            )
+            return
+        finite = torch.isfinite(processed).cpu()
+        counts = finite.sum(dim=1).tolist()
+        ids = finite.nonzero()[:, 1].to(torch.int32).numpy()
+        discard = self.runner.discard_request_mask.np[: len(req_ids)]
+        start = 0
+        for req_id, count, skip in zip(req_ids, counts, discard, strict=True):
+            if not skip:
+                self.kept.setdefault(req_id, []).append(ids[start : start + count])
+            start += count
+
     def on_sample(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the sampler: keep each request's logits row (test probe)."""
         if self.logits is None:
@@ -151,6 +190,7 @@ def install_capture(worker: Any, record_logits: bool = False) -> int:
         # It shadows the method on this runner instance only and calls straight through.
         runner.execute_model = cap.execute_model
         runner.sampler.register_forward_pre_hook(cap.on_sample, with_kwargs=True)
+        runner.sampler.topk_topp_sampler.register_forward_hook(cap.on_truncate)
         worker.keeprl_capture = cap
     if record_logits and cap.logits is None:
         cap.logits = {}
@@ -164,10 +204,17 @@ def set_capture_enabled(worker: Any, enabled: bool) -> None:
     worker.keeprl_capture.enabled = enabled
 
 
+def set_record_kept(worker: Any, record: bool) -> None:
+    """Record the kept ids of every sampled token from now on (off: greedy or untruncated
+    sampling, whose kept set is not needed)."""
+    worker.keeprl_capture.record_kept = record
+
+
 def reset_capture(worker: Any) -> None:
     """Drop whatever earlier steps left behind (an interrupted generate, say)."""
     cap = worker.keeprl_capture
     cap.rows.clear()
+    cap.kept.clear()
     cap.errors.clear()
     if cap.logits is not None:
         cap.logits.clear()
@@ -218,6 +265,24 @@ def collect_routing(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
             gap = int(np.nonzero((routed < 0).any(axis=(1, 2)))[0][0])
             raise RuntimeError(f"routing capture: request {key} has no routing at position {gap}")
         out[key] = pack(routed)
+    return out
+
+
+def collect_kept(worker: Any, request_ids: list[str]) -> dict[str, tuple[Packed, Packed]]:
+    """Kept ids per request as (flat ids int32, count per generated token int32), both packed,
+    for the caller's request ids, and forget them."""
+    cap = worker.keeprl_capture
+    errors, cap.errors = cap.errors, []
+    kept, cap.kept = cap.kept, {}
+    if errors:
+        raise RuntimeError("sampling-mask capture failed: " + "; ".join(errors[:3]))
+    wanted = set(request_ids)
+    out = {}
+    for req_id, rows in kept.items():
+        key = _external_id(req_id, wanted)
+        if key is not None:
+            counts = np.array([len(r) for r in rows], dtype=np.int32)
+            out[key] = (pack(np.concatenate(rows).astype(np.int32)), pack(counts))
     return out
 
 
@@ -294,6 +359,12 @@ class WorkerExtension:
 
     def keeprl_reset_capture(self) -> None:
         reset_capture(self)
+
+    def keeprl_set_record_kept(self, record: bool) -> None:
+        set_record_kept(self, record)
+
+    def keeprl_collect_kept(self, request_ids: list[str]) -> dict[str, tuple[Packed, Packed]]:
+        return collect_kept(self, request_ids)
 
     def keeprl_collect_routing(self, request_ids: list[str]) -> dict[str, Packed]:
         return collect_routing(self, request_ids)

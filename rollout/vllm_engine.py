@@ -16,15 +16,17 @@ What is recorded, per response token (see rollout.trajectory):
 - pi_old: the sampled token's log-prob after temperature/top-k/top-p, vLLM's "processed"
   log-probs. Greedy (temperature 0) is the exception vLLM makes: it returns the untempered
   log-softmax of the raw logits there, and so do we.
-- kept ids: with processed log-probs, tokens cut by top-k/top-p come back as -inf, so asking
-  for the top N log-probs with N >= the kept-set size shows the kept set exactly (the finite
-  entries). With top-k, N = top_k + tie_margin: ties at the k-th logit are all kept (bf16
-  logits tie often), and a position whose N entries are all finite might hide more, so it
-  fails loudly instead of recording a short set. top-p without a top-k bound can keep any
-  number of tokens: refused at configuration time. Where tokens tie exactly at the top-p
-  boundary, the set is whichever of them vLLM's sort kept (rollout.sampling may pick others).
-  vLLM's `return_sampling_mask` needs Model Runner V2 (GPU Triton) and is not used. Log-probs
-  come back as vLLM's flat lists (`flat_logprobs`), read with numpy.
+- kept ids: on CPU, read from the sampler itself (rollout/_vllm_capture.py): a hook on its
+  top-k/top-p stage keeps the finite entries of the processed log-probs it samples from, so
+  the set is exact and of any size (ties at the k-th logit, which vLLM all keeps and bf16
+  logits produce often, included; top-p without top-k allowed). On GPUs (untested here) the
+  kept set is read from the top N processed log-probs instead (cut tokens come back as -inf):
+  N = top_k + tie_margin, a position whose N entries are all finite might hide more and fails
+  loudly, and top-p without a top-k bound is refused at configuration time. vLLM's
+  `return_sampling_mask` needs Model Runner V2 (GPU Triton) and is not used. Where tokens tie
+  exactly at the top-p boundary, the set is whichever of them vLLM's sort kept
+  (rollout.sampling may pick others). Log-probs come back as vLLM's flat lists
+  (`flat_logprobs`), read with numpy.
 - routing [prompt + response - 1, n_moe_layers, top_k]: on CPU through the MoE router capture
   hook (rollout/_vllm_capture.py); on GPUs through vLLM's `enable_return_routed_experts`
   (untested here: no GPU). Prefix caching is forced off (cached tokens have no routing).
@@ -259,11 +261,12 @@ class VLLMEngine:
 
     def logprobs_needed(self, sampling: Sampling) -> int:
         """How many top log-probs per token `sampling` needs recorded (0: the sampled token's
-        only). Raises ValueError for a sampling whose kept set cannot be recorded exactly."""
+        only; on CPU the sampler hook records the kept set). Raises ValueError for a sampling
+        whose kept set cannot be recorded exactly."""
         t = sampling.temperature
         if 0 < t < _GREEDY_BELOW:
             raise ValueError(f"temperature={t} is below {_GREEDY_BELOW}: vLLM samples greedily")
-        if not sampling.truncated:
+        if not sampling.truncated or self.dense:
             return 0
         if sampling.top_k <= 0:
             raise ValueError(
@@ -370,12 +373,25 @@ class VLLMEngine:
         self._check_lengths(prompts, sampling)
         outputs = self._run(prompts, sampling, n, n_logprobs)
         ids = [o.request_id for o in outputs]
-        routing = {}
+        routing, kept = {}, {}
         if self.dense:
             packed = self._rpc("keeprl_collect_routing", ids)
             routing = {key: capture.unpack(value) for key, value in packed.items()}
+            if sampling.truncated:
+                packed_kept = self._rpc("keeprl_collect_kept", ids)
+                kept = {
+                    key: (capture.unpack(flat), capture.unpack(counts))
+                    for key, (flat, counts) in packed_kept.items()
+                }
         trajectories = [
-            self._trajectory(k // n, out, sampling, n_logprobs, routing.get(out.request_id))
+            self._trajectory(
+                k // n,
+                out,
+                sampling,
+                n_logprobs,
+                routing.get(out.request_id),
+                kept.get(out.request_id),
+            )
             for k, out in enumerate(outputs)
         ]
         self._check_routing(trajectories)
@@ -411,6 +427,7 @@ class VLLMEngine:
                 params.append(self._params(sampling, n_logprobs, seed))
         if self.dense:
             self._rpc("keeprl_reset_capture")
+            self._rpc("keeprl_set_record_kept", n_logprobs is not None and sampling.truncated)
         return self.llm.generate(requests, params, use_tqdm=False)
 
     def _trajectory(
@@ -420,6 +437,7 @@ class VLLMEngine:
         sampling: Sampling,
         n_logprobs: int,
         routing: np.ndarray | None,
+        sampler_kept: tuple[np.ndarray, np.ndarray] | None,
     ) -> Trajectory:
         completion = out.outputs[0]
         response = list(completion.token_ids)
@@ -427,9 +445,11 @@ class VLLMEngine:
             raise RuntimeError(
                 f"request {out.request_id} ended with finish_reason={completion.finish_reason!r}"
             )
-        logprobs, kept = self._decode_logprobs(out.request_id, completion, sampling, n_logprobs)
         if routing is None and self.dense:
             raise RuntimeError(f"request {out.request_id}: routing capture returned nothing")
+        logprobs, kept = self._decode_logprobs(
+            out.request_id, completion, sampling, n_logprobs, sampler_kept
+        )
         if routing is None:
             routing = self._returned_routing(out.request_id, completion)
         return Trajectory(
@@ -447,9 +467,15 @@ class VLLMEngine:
         )
 
     def _decode_logprobs(
-        self, request_id: str, completion: Any, sampling: Sampling, n_logprobs: int
+        self,
+        request_id: str,
+        completion: Any,
+        sampling: Sampling,
+        n_logprobs: int,
+        sampler_kept: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """pi_old [R] and the kept ids of each position from vLLM's flat log-probs.
+        """pi_old [R] and the kept ids of each position: from the sampler hook's (flat ids,
+        count per token) where given (CPU), else from vLLM's flat log-probs.
 
         Each position holds 1 + n_logprobs entries: the sampled token first, then the top
         n_logprobs (which may repeat it), -inf where top-k/top-p cut.
@@ -473,6 +499,8 @@ class VLLMEngine:
         pi_old = values[:, 0].astype(np.float32)
         if not sampling.truncated:
             return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
+        if self.dense:
+            return pi_old, self._sampler_kept(request_id, response, sampler_kept)
         finite = np.isfinite(values[:, 1:])
         if n_logprobs < self.args.vocab_size and finite.all(axis=1).any():
             t = int(np.argmax(finite.all(axis=1)))
@@ -492,6 +520,29 @@ class VLLMEngine:
         # Ascending kept ids first in each row (the cut entries sort last as `vocab`).
         ordered = np.sort(np.where(finite, top, self.args.vocab_size), axis=1).astype(np.int32)
         return pi_old, [ordered[t, :c] for t, c in enumerate(finite.sum(axis=1).tolist())]
+
+    @staticmethod
+    def _sampler_kept(
+        request_id: str, response: np.ndarray, sampler_kept: tuple[np.ndarray, np.ndarray] | None
+    ) -> list[np.ndarray]:
+        """Split the sampler hook's kept ids per token, checked against the response."""
+        if sampler_kept is None:
+            raise RuntimeError(f"request {request_id}: the sampling-mask capture returned nothing")
+        flat, counts = sampler_kept
+        if len(counts) != len(response):
+            raise RuntimeError(
+                f"request {request_id}: the sampler recorded {len(counts)} kept sets for "
+                f"{len(response)} generated tokens"
+            )
+        kept = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+        for t, (token, ids) in enumerate(zip(response.tolist(), kept, strict=True)):
+            i = int(np.searchsorted(ids, token))
+            if i == len(ids) or ids[i] != token:  # ids ascend (the hook's nonzero order)
+                raise RuntimeError(
+                    f"request {request_id}, position {t}: sampled token {token} is outside "
+                    "the recorded kept set"
+                )
+        return kept
 
     def _returned_routing(self, request_id: str, completion: Any) -> np.ndarray:
         """Routing from vLLM's own recorder (GPU, Model Runner V2). Untested here."""

@@ -183,10 +183,19 @@ def test_replayed_routing_reproduces_vllm_logprobs(engine, checkpoints):
     assert max(gaps["shifted"]) > 5 * LOGPROB_ATOL
 
 
-def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine):
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        TOPK,
+        Sampling(temperature=1.0, top_k=20, max_tokens=8, seed=3),
+        Sampling(temperature=1.0, top_p=0.95, max_tokens=8, seed=3),
+    ],
+    ids=["top_k+top_p", "top_k", "top_p"],
+)
+def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine, sampling):
     engine.llm.collective_rpc("keeprl_install_capture", args=(True,))
     try:
-        trajs = engine.generate(PROMPTS, TOPK, n=2)
+        trajs = engine.generate(PROMPTS, sampling, n=2)
         ids = [t.extra["request_id"] for t in trajs]
         logits = engine.llm.collective_rpc("keeprl_collect_logits", args=(ids,))[0]
     finally:
@@ -194,7 +203,7 @@ def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine):
     sizes, swaps = [], 0
     for traj in trajs:
         rows = torch.from_numpy(unpack(logits[traj.extra["request_id"]])[-len(traj.response_ids) :])
-        z = truncate_logits(rows / TOPK.temperature, TOPK.top_k, TOPK.top_p)
+        z = truncate_logits(rows / sampling.temperature, sampling.top_k, sampling.top_p)
         expected = kept_ids_of(z)
         logp = z.log_softmax(-1)
         for t, token in enumerate(traj.response_ids):
@@ -205,17 +214,20 @@ def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine):
             # depends on each implementation's sort order: the sets may differ there only.
             boundary = z[t, list(ours)].min()
             assert all(
-                z[t, i] == boundary or rows[t, i] / TOPK.temperature == boundary
+                z[t, i] == boundary or rows[t, i] / sampling.temperature == boundary
                 for i in kept ^ ours
             )
             swaps += kept != ours
             assert traj.logprobs[t] == pytest.approx(float(logp[t, token]), abs=1e-5)
             sizes.append(len(kept))
     print(
-        f"\nkept-set sizes: min {min(sizes)} max {max(sizes)} (top_k {TOPK.top_k}); "
+        f"\nkept-set sizes: min {min(sizes)} max {max(sizes)} (top_k {sampling.top_k}); "
         f"{swaps} of {len(sizes)} positions kept a different one of tokens tied at the boundary"
     )
-    assert min(sizes) < TOPK.top_k  # top-p cut somewhere, so both rules were exercised
+    if sampling.top_k and sampling.top_p < 1:
+        assert min(sizes) < sampling.top_k  # top-p cut somewhere: both rules were exercised
+    elif sampling.top_k:
+        assert min(sizes) >= sampling.top_k  # ties at the k-th logit are all kept
 
 
 def test_n_samples_are_prompt_major_seeded_and_stop_on_stop_tokens(engine):
@@ -232,20 +244,24 @@ def test_n_samples_are_prompt_major_seeded_and_stop_on_stop_tokens(engine):
 
 
 def test_configuration_errors(engine, checkpoints):
-    with pytest.raises(ValueError, match="without a top_k bound"):
-        engine.generate(PROMPTS, Sampling(temperature=1.0, top_p=0.9))
     with pytest.raises(ValueError, match="index_topk=256"):
         engine.generate([[1] * 250], Sampling(temperature=0, max_tokens=7))
     with pytest.raises(ValueError, match="index_topk=256"):
         VLLMEngine(checkpoints["a"][0], max_model_len=1024)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         VLLMEngine(checkpoints["a"][0], enable_prefix_caching=True)
-    limit, engine.max_logprobs = engine.max_logprobs, 30
+    with pytest.raises(ValueError, match="vLLM samples greedily"):
+        engine.generate(PROMPTS, Sampling(temperature=1e-6, top_k=5))
+    # Where the kept set is read from top-N log-probs (GPUs), sets that N cannot show are
+    # refused up front; here the sampler hook records any set, so only the rule is checked.
+    engine.dense, limit, engine.max_logprobs = False, engine.max_logprobs, 30
     try:
+        with pytest.raises(ValueError, match="without a top_k bound"):
+            engine.logprobs_needed(Sampling(temperature=1.0, top_p=0.9))
         with pytest.raises(ValueError, match="max_logprobs >= 36"):
-            engine.generate(PROMPTS, Sampling(temperature=1.0, top_k=20))
+            engine.logprobs_needed(Sampling(temperature=1.0, top_k=20))
     finally:
-        engine.max_logprobs = limit
+        engine.dense, engine.max_logprobs = True, limit
 
 
 def _zero_routes(worker) -> None:
@@ -272,6 +288,15 @@ def test_broken_capture_fails_loudly(engine):
             engine.generate(PROMPTS[:1], TOPK)
     finally:
         engine.llm.collective_rpc(_restore_routes)
+    rpc = engine._rpc
+    engine._rpc = lambda method, *args: rpc(
+        method, *((False,) if method == "keeprl_set_record_kept" else args)
+    )
+    try:
+        with pytest.raises(RuntimeError, match="sampling-mask capture returned nothing"):
+            engine.generate(PROMPTS[:1], TOPK)
+    finally:
+        del engine._rpc
     assert engine.generate_plain(PROMPTS[:1], TOPK)  # plain generation needs no capture
 
 
