@@ -58,11 +58,58 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, help="worst tokens to list")
 
 
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", metavar="RUN_DIR_OR_PARQUET", help="a run directory, or one step's Parquet file"
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="the logged step to show (required for a run directory)",
+    )
+    parser.add_argument(
+        "--index", type=int, metavar="I", help="show only this trajectory of the step"
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="without --index, show the first N trajectories; 0 shows all (default: 8)",
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write what is shown to this JSON file")
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory written by keeprl train"
+    )
+    parser.add_argument(
+        "--out", metavar="PNG", help="the PNG to write (default: RUN_DIR/curves.png)"
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="A,B",
+        help="comma-separated metric names, one panel each (default: reward_mean, accuracy "
+        "and kl, those the run logged)",
+    )
+
+
 COMMANDS: dict[str, Command] = {
     "replay": Command(
         help="recompute a logged step's learner log-probs and report sampler/learner mismatch",
         add_arguments=_replay_arguments,
         handler="rl.replay",
+    ),
+    "inspect": Command(
+        help="print a logged step's trajectories token by token: pi_old, kept sets, routing",
+        add_arguments=_inspect_arguments,
+        handler="rl.inspect",
+    ),
+    "plot": Command(
+        help="plot a run's per-step metrics (reward, accuracy, KL) to a PNG",
+        add_arguments=_plot_arguments,
+        handler="rl.plot",
     ),
     "train": Command(
         help="run a GRPO experiment from a YAML config",

@@ -120,7 +120,7 @@ class RayConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    mlflow_uri: str | None = None  # None: a local store under trainer.output_dir/mlruns
+    mlflow_uri: str | None = None  # None: SQLite <run>/mlflow.db, artifacts in <run>/mlartifacts
     experiment: str = "keeprl"
     run_name: str | None = None
 

@@ -1,4 +1,4 @@
-"""`keeprl replay` and `keeprl inspect`: look at a logged step the way the learner saw it.
+"""`keeprl replay`: look at a logged step the way the learner saw it.
 
 replay reloads the trajectories of one step from the Parquet store and the weights that
 sampled them (the checkpoint of the previous step, or the initial policy for step 0),

@@ -89,15 +89,7 @@ class Tracker:
             os.fsync(f.fileno())
 
     def _pending(self) -> list[dict]:
-        if not self.pending.exists():
-            return []
-        rows = []
-        for line in self.pending.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: it and anything after are incomplete
-        return rows
+        return read_pending_rows(self.pending)
 
     def commit(self, step: int) -> None:
         """A checkpoint covering `step` exists: send pending metrics up to it to MLflow."""
@@ -126,6 +118,20 @@ class Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def read_pending_rows(path: str | Path) -> list[dict]:
+    """The {"step", "metrics"} rows of a pending-metrics file, in file order ([] if none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: it and anything after are incomplete
+    return rows
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

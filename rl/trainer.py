@@ -226,6 +226,12 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 tracker.commit(step)
         tracker.log_artifact(run / "config.yaml")
         tracker.log_artifact(store.directory, "rollouts")
+        try:  # the curves are a convenience: failing to draw them must not fail a finished run
+            from .plot import plot_run
+
+            tracker.log_artifact(plot_run(run, history=tracker.history), "plots")
+        except Exception as e:
+            log.warning("could not plot the run's curves: %s", e)
     finally:
         tracker.close()
         if pool is not None:

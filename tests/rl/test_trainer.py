@@ -61,6 +61,15 @@ def test_train_writes_metrics_rollouts_and_checkpoints(tmp_path, monkeypatch):
     gaps = [v for _, v in tracker.history("logp_gap_max")]
     tracker.close()
     assert max(gaps) < 1e-4  # native engine and learner compute the same log-probs
+    assert len(list(run.glob("mlartifacts/*/artifacts/plots/curves.png"))) == 1
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # keeprl inspect of a logged step: every response token has a kept set and a routing row
+    out = tmp_path / "inspect.json"
+    assert cli(["inspect", str(run), "--step", "2", "--json", str(out)]) == 0
+    shown = json.loads(out.read_text())["trajectories"]
+    assert len(shown) == 8 and all(r["reference"] is not None for r in shown)
+    assert all(t["kept_size"] > 0 and len(t["experts"]) == 1 for r in shown for t in r["tokens"])
 
     # keeprl replay of a logged step, with the weights that sampled it
     out = tmp_path / "replay.json"
