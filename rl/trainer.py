@@ -372,4 +372,6 @@ def main(args: Any) -> int:
         print(f"keeprl train: config error: {e}", file=sys.stderr)
         return 2
     print(f"run directory: {run}")
+    if (run / "curves.png").exists():
+        print(f"reward and KL curves: {run / 'curves.png'}")
     return 0

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install keeprl into .venv (see scripts/_venv.sh) and run the demo. Arguments go to
-# `keeprl demo`, e.g. bash scripts/quickstart.sh --tokens 64 --seed 1
+# Install keeprl into .venv (see scripts/_venv.sh), then run the quickstart experiment:
+# GRPO on a tiny DSA-MoE policy with vLLM rollout workers in Ray actors (configs/quickstart.yaml).
+# Each run gets a new directory under runs/; extra arguments are config overrides, e.g.
+#   bash scripts/quickstart.sh trainer.total_steps=20
 set -euo pipefail
 
 KEEPRL_EXTRAS=
@@ -8,4 +10,4 @@ KEEPRL_EXTRAS=
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$KEEPRL_ROOT"
 
-keeprl demo "$@"
+keeprl train configs/quickstart.yaml "trainer.output_dir=runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"

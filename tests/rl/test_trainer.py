@@ -107,3 +107,34 @@ def test_config_errors_are_one_line(capsys, tmp_path):
     assert err.count("\n") == 0 and "did you mean 'trainer.total_steps'" in err
     assert cli(["train", CONFIG, "rewards.verifiers=[{name: nosuch_mod:score}]"]) == 2
     assert "cannot import 'nosuch_mod'" in capsys.readouterr().err
+
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_vllm_run_replays_with_a_small_gap(tmp_path, monkeypatch):
+    """The quickstart config end to end with vLLM rollout workers (bf16) and an fp32 learner:
+    replaying a logged step with both stabilizers leaves only the two engines' rounding."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    run = tmp_path / "run"
+    overrides = [
+        f"trainer.output_dir={run}",
+        "trainer.total_steps=2",
+        "checkpoint.every=1",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "warm_start.steps=100",
+        "data.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+    ]
+    assert cli(["train", QUICKSTART, *overrides]) == 0
+    store = RolloutStore(run / "rollouts")
+    logged = store.read_step(1)
+    assert {t.engine for t in logged.trajectories} == {"vllm"}
+    assert all(len(k) >= 20 for t in logged.trajectories for k in t.kept_ids)  # top_k 20 + ties
+    out = tmp_path / "replay.json"
+    assert cli(["replay", str(run), "--step", "1", "--json", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    both = variants["routing+mask"]
+    print(f"\nvLLM replay: {json.dumps(variants)}")
+    assert 0 < both["gap_mean"] < 0.02 and both["gap_max"] < 0.15
+    assert variants["neither"]["gap_mean"] > 5 * both["gap_mean"]  # the mask matters
