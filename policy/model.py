@@ -24,12 +24,15 @@ from .rope import RotaryEmbedding
 @dataclass
 class ModelOutput:
     """logits [B, T, V] (None when return_logits=False); hidden [B, T, D] final-normed;
-    routing [B, T, n_moe_layers, num_experts_per_tok] int64 expert ids; indexer_loss: scalar
-    mean KL over layers when requested, else None."""
+    routing [B, T, n_moe_layers, num_experts_per_tok] int64 expert ids the forward used;
+    own_routing: the same shape, the ids the gates chose themselves (equal to routing unless
+    replay_routing overrode them); indexer_loss: scalar mean KL over layers when requested,
+    else None."""
 
     logits: torch.Tensor | None
     hidden: torch.Tensor
     routing: torch.Tensor
+    own_routing: torch.Tensor
     indexer_loss: torch.Tensor | None = None
 
 
@@ -180,7 +183,7 @@ class Transformer(nn.Module):
         if absorb is None:
             absorb = cache is not None and cache.length > 0
         h = self.model.embed_tokens(input_ids)
-        routing, kls = [], []
+        routing, own_routing, kls = [], [], []
         for i, layer in enumerate(self.model.layers):
             attn, kl = layer.self_attn(
                 layer.input_layernorm(h),
@@ -194,8 +197,9 @@ class Transformer(nn.Module):
             x = layer.post_attention_layernorm(h)
             if layer.is_moe:
                 replay = None if replay_routing is None else replay_routing[:, :, len(routing)]
-                ffn, ids = layer.mlp(x, replay)
+                ffn, ids, own = layer.mlp(x, replay)
                 routing.append(ids)
+                own_routing.append(own)
             else:
                 ffn = layer.mlp(x)
             h = h + ffn
@@ -205,15 +209,17 @@ class Transformer(nn.Module):
             cache.n_real += ctx.query_valid.sum(1)
             cache.length += t
         hidden = self.model.norm(h)
-        routing_t = (
-            torch.stack(routing, dim=2)
-            if routing
-            else torch.zeros(b, t, 0, top_k, dtype=torch.long, device=input_ids.device)
-        )
+
+        def stacked(ids: list[torch.Tensor]) -> torch.Tensor:
+            if ids:
+                return torch.stack(ids, dim=2)
+            return torch.zeros(b, t, 0, top_k, dtype=torch.long, device=input_ids.device)
+
         return ModelOutput(
             logits=self.lm_head(hidden) if return_logits else None,
             hidden=hidden,
-            routing=routing_t,
+            routing=stacked(routing),
+            own_routing=stacked(own_routing),
             indexer_loss=torch.stack(kls).mean() if kls else None,
         )
 

@@ -23,7 +23,7 @@ class Gate(nn.Module):
 
     weight: [E, D]; e_score_correction_bias: [E] (a buffer: it is adjusted by load balancing,
     not by gradients). forward(x [N, D], replay_ids [N, k] | None) -> (weights [N, k] in >= float32,
-    ids [N, k] int64).
+    ids [N, k] int64 used, own_ids [N, k] int64: the gate's own choice, which replay overrides).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -59,14 +59,17 @@ class Gate(nn.Module):
 
     def forward(
         self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xf = upcast(x)
         scores = F.linear(xf, self.weight.to(xf.dtype)).sigmoid()  # step 1
-        ids = self.select(scores) if replay_ids is None else replay_ids.long()
+        # Selected even under replay: the learner reports how often it disagrees with the
+        # sampler's routing, which Keep Routing overrides (a top-k over E experts: cheap).
+        own = self.select(scores)
+        ids = own if replay_ids is None else replay_ids.long()
         weights = scores.gather(1, ids)  # step 4: the unbiased scores at the chosen experts
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        return weights * self.routed_scaling_factor, ids
+        return weights * self.routed_scaling_factor, ids, own
 
 
 class Experts(nn.Module):
@@ -117,10 +120,10 @@ class MoE(nn.Module):
 
     def forward(
         self, x: torch.Tensor, replay_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         replay = None if replay_ids is None else replay_ids.reshape(b * t, -1)
-        weights, ids = self.gate(flat, replay)
+        weights, ids, own = self.gate(flat, replay)
         y = self.experts(flat, ids, weights) + self.shared_experts(flat)
-        return y.view(b, t, d), ids.view(b, t, -1)
+        return y.view(b, t, d), ids.view(b, t, -1), own.view(b, t, -1)

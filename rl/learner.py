@@ -108,7 +108,8 @@ class Learner:
         keep_routing: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """log pi(token) [b, T] at response positions (0 elsewhere), its entropy [b, T] or
-        None, and the routing the forward used [b, T, n_moe, k]."""
+        None, and the routing the model's own gates chose [b, T, n_moe, k] (the routing the
+        forward used unless Keep Routing replayed the sampler's)."""
         keep_routing = self.cfg.keep_routing if keep_routing is None else keep_routing
         replay = mb.routing if keep_routing else None
         out = model(
@@ -135,7 +136,7 @@ class Learner:
         full = torch.zeros(mb.input_ids.shape, dtype=logp.dtype, device=logp.device)
         logp_full = full.masked_scatter(mb.response_mask, logp)
         ent_full = full.masked_scatter(mb.response_mask, ent) if entropy else None
-        return logp_full, ent_full, out.routing
+        return logp_full, ent_full, out.own_routing
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on `batch`; returns its metrics (see module docstring)."""
@@ -181,7 +182,7 @@ class Learner:
             sums["opsm_masked_frac"] += float((~keep & (mb.response_lens > 0)).sum()) / max(
                 n_seqs, 1
             )
-            if mb.routing is not None and not cfg.keep_routing:
+            if mb.routing is not None:  # measured with Keep Routing on too: what it overrides
                 sums["routing_disagreement"] += _routing_disagreement(routing, mb) / batch.size
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip

@@ -19,7 +19,8 @@ def test_gate_by_hand():
         gate.e_score_correction_bias.copy_(bias)
     x = torch.zeros(1, 128)
     x[0, :8] = torch.logit(s[0])
-    weights, ids = gate(x)
+    weights, ids, own = gate(x)
+    assert torch.equal(own, ids)  # no replay: the gate's own choice is the one used
     # biased: [.9,.1 | .5,.45 | .8,.7 | .6,.55] -> group sums [1.0, .95, 1.5, 1.15]
     # keep groups 2 and 3 -> experts {4,5,6,7}, biased top-2 = 4 (.8), 5 (.7)
     assert ids.tolist() == [[4, 5]]
@@ -58,6 +59,9 @@ def test_keep_routing_replays_bit_for_bit(make_model, dtype, tokens):
     other = (out.routing + 1) % 8  # different experts, still distinct per token
     changed = model(tokens, replay_routing=other)
     assert torch.equal(changed.routing, other)
+    # The gates' own choice is still reported: the only MoE layer's input does not depend on
+    # routing, so it is the unreplayed forward's routing.
+    assert torch.equal(changed.own_routing, out.routing)
     assert not torch.allclose(changed.logits, out.logits)
 
 
