@@ -18,14 +18,17 @@ starting at the request's `num_computed_tokens`. Rows are stored by position, so
 that is preempted and recomputed overwrites its rows instead of duplicating them. Prefix
 caching must be off: a cached prompt token is never forwarded and so has no row.
 
-Sampling mask. vLLM's `return_sampling_mask` needs Model Runner V2 as well. On the CPU runner
-the sampler's top-k/top-p stage (`sampler.topk_topp_sampler`) returns, in the
-"processed_logprobs" mode, the log-probs it samples from: -inf exactly where top-k/top-p cut.
-A forward hook on that module keeps the finite entries' ids of every row, so the kept set is
-the sampler's own, of any size (no top-N limit, no tie margin). Rows follow the persistent
-batch's request order; rows vLLM discards (a prompt whose prefill is still partial samples a
-token that is thrown away) are skipped via the runner's `discard_request_mask`, so a request
-keeps one row per generated token, in order.
+Sampled tokens, pi_old and the sampling mask. vLLM's `return_sampling_mask` needs Model Runner
+V2 as well. On the CPU runner the sampler's top-k/top-p stage (`sampler.topk_topp_sampler`)
+returns the tokens it drew and, in the "processed_logprobs" mode, the log-probs it drew them
+from: -inf exactly where top-k/top-p cut. A forward hook on that module keeps, per row, the
+sampled token, its log-prob there (pi_old) and, if asked, the finite entries' ids (the kept
+set: the sampler's own, of any size, no top-N limit or tie margin). Reading pi_old here spares
+vLLM's per-token log-prob output path. Greedy batches never reach this stage (vLLM returns
+before it); the engine asks vLLM for the sampled token's log-prob there. Rows follow the
+persistent batch's request order; rows vLLM discards (a prompt whose prefill is still partial
+samples a token that is thrown away) are skipped via the runner's `discard_request_mask`, so
+a request keeps one row per generated token, in order.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ class RoutingCapture:
         self.rows: dict[str, list[tuple[int, np.ndarray]]] = {}
         self.errors: list[str] = []
         self.logits: dict[str, list[np.ndarray]] | None = None
-        self.record_kept = False
-        self.kept: dict[str, list[np.ndarray]] = {}
+        self.record_sampled = False  # sampled token + pi_old of every row
+        self.record_kept = False  # and the kept ids
+        self.sampled: dict[str, list[tuple[int, float, np.ndarray | None]]] = {}
         self.original_execute_model = runner.execute_model
 
     def on_route(self, layer_id: int, topk_ids: torch.Tensor) -> None:
@@ -128,32 +132,37 @@ class RoutingCapture:
             self.errors.append(f"batch order covers {offset} of the step's {total} tokens")
 
     def on_truncate(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook of the sampler's top-k/top-p stage: keep each sampled row's kept ids."""
-        if not (self.enabled and self.record_kept):
+        """Forward hook of the sampler's top-k/top-p stage: keep each sampled row's token,
+        pi_old and (if asked) kept ids."""
+        if not (self.enabled and self.record_sampled):
             return
-        processed = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        tokens, processed = output if isinstance(output, tuple) else (output, None)
         if processed is None:
             self.errors.append(
                 "the sampler returned no processed log-probs (logprobs_mode must be "
-                "'processed_logprobs'): the kept set cannot be recorded"
+                "'processed_logprobs'): pi_old and the kept set cannot be recorded"
             )
             return
         req_ids = self.runner.input_batch.req_ids
-        if processed.shape[0] != len(req_ids):
+        if processed.shape[0] != len(req_ids) or tokens.shape[0] != len(req_ids):
             self.errors.append(
                 f"the sampler saw {processed.shape[0]} rows for {len(req_ids)} requests "
                 "(speculative decoding is not supported)"
             )
             return
-        finite = torch.isfinite(processed).cpu()
-        counts = finite.sum(dim=1).tolist()
-        ids = finite.nonzero()[:, 1].to(torch.int32).numpy()
+        tokens = tokens.reshape(-1).long()
+        pi_old = processed.gather(1, tokens[:, None])[:, 0].float().cpu().tolist()
+        tokens_l = tokens.cpu().tolist()
+        kept: list[np.ndarray | None] = [None] * len(req_ids)
+        if self.record_kept:
+            finite = torch.isfinite(processed).cpu()
+            ids = finite.nonzero()[:, 1].to(torch.int32).numpy()
+            ends = np.cumsum(finite.sum(dim=1).numpy())
+            kept = np.split(ids, ends[:-1])
         discard = self.runner.discard_request_mask.np[: len(req_ids)]
-        start = 0
-        for req_id, count, skip in zip(req_ids, counts, discard, strict=True):
-            if not skip:
-                self.kept.setdefault(req_id, []).append(ids[start : start + count])
-            start += count
+        for i, req_id in enumerate(req_ids):
+            if not discard[i]:
+                self.sampled.setdefault(req_id, []).append((tokens_l[i], pi_old[i], kept[i]))
 
     def on_sample(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the sampler: keep each request's logits row (test probe)."""
@@ -204,17 +213,18 @@ def set_capture_enabled(worker: Any, enabled: bool) -> None:
     worker.keeprl_capture.enabled = enabled
 
 
-def set_record_kept(worker: Any, record: bool) -> None:
-    """Record the kept ids of every sampled token from now on (off: greedy or untruncated
-    sampling, whose kept set is not needed)."""
-    worker.keeprl_capture.record_kept = record
+def set_record_sampled(worker: Any, sampled: bool, kept: bool) -> None:
+    """From now on record every sampled token with its pi_old (`sampled`), and its kept ids
+    (`kept`: truncated sampling only; an untruncated kept set is the whole vocabulary)."""
+    worker.keeprl_capture.record_sampled = sampled
+    worker.keeprl_capture.record_kept = sampled and kept
 
 
 def reset_capture(worker: Any) -> None:
     """Drop whatever earlier steps left behind (an interrupted generate, say)."""
     cap = worker.keeprl_capture
     cap.rows.clear()
-    cap.kept.clear()
+    cap.sampled.clear()
     cap.errors.clear()
     if cap.logits is not None:
         cap.logits.clear()
@@ -268,21 +278,29 @@ def collect_routing(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
     return out
 
 
-def collect_kept(worker: Any, request_ids: list[str]) -> dict[str, tuple[Packed, Packed]]:
-    """Kept ids per request as (flat ids int32, count per generated token int32), both packed,
-    for the caller's request ids, and forget them."""
+def collect_sampled(worker: Any, request_ids: list[str]) -> dict[str, tuple[Packed, ...]]:
+    """Per request (tokens int64, pi_old float32, and with kept ids recorded: flat kept ids
+    int32, kept-set size per token int32), all packed, for the caller's request ids, and
+    forget them."""
     cap = worker.keeprl_capture
     errors, cap.errors = cap.errors, []
-    kept, cap.kept = cap.kept, {}
+    sampled, cap.sampled = cap.sampled, {}
     if errors:
-        raise RuntimeError("sampling-mask capture failed: " + "; ".join(errors[:3]))
+        raise RuntimeError("sampler capture failed: " + "; ".join(errors[:3]))
     wanted = set(request_ids)
-    out = {}
-    for req_id, rows in kept.items():
+    out: dict[str, tuple[Packed, ...]] = {}
+    for req_id, rows in sampled.items():
         key = _external_id(req_id, wanted)
-        if key is not None:
-            counts = np.array([len(r) for r in rows], dtype=np.int32)
-            out[key] = (pack(np.concatenate(rows).astype(np.int32)), pack(counts))
+        if key is None:
+            continue
+        tokens = np.array([r[0] for r in rows], dtype=np.int64)
+        pi_old = np.array([r[1] for r in rows], dtype=np.float32)
+        kept = [r[2] for r in rows]
+        if any(k is None for k in kept):
+            out[key] = (pack(tokens), pack(pi_old))
+        else:
+            counts = np.array([len(k) for k in kept], dtype=np.int32)
+            out[key] = (pack(tokens), pack(pi_old), pack(np.concatenate(kept)), pack(counts))
     return out
 
 
@@ -360,11 +378,11 @@ class WorkerExtension:
     def keeprl_reset_capture(self) -> None:
         reset_capture(self)
 
-    def keeprl_set_record_kept(self, record: bool) -> None:
-        set_record_kept(self, record)
+    def keeprl_set_record_sampled(self, sampled: bool, kept: bool) -> None:
+        set_record_sampled(self, sampled, kept)
 
-    def keeprl_collect_kept(self, request_ids: list[str]) -> dict[str, tuple[Packed, Packed]]:
-        return collect_kept(self, request_ids)
+    def keeprl_collect_sampled(self, request_ids: list[str]) -> dict[str, tuple[Packed, ...]]:
+        return collect_sampled(self, request_ids)
 
     def keeprl_collect_routing(self, request_ids: list[str]) -> dict[str, Packed]:
         return collect_routing(self, request_ids)

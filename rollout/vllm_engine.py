@@ -14,8 +14,11 @@ vLLM's rotary-embedding kernel, which mis-rotates MLA's multi-head queries (`_na
 
 What is recorded, per response token (see rollout.trajectory):
 - pi_old: the sampled token's log-prob after temperature/top-k/top-p, vLLM's "processed"
-  log-probs. Greedy (temperature 0) is the exception vLLM makes: it returns the untempered
-  log-softmax of the raw logits there, and so do we.
+  log-probs. On CPU it is read with the kept set in the sampler hook (below), which spares
+  vLLM's per-token log-prob output path; the hook also records the sampled tokens, checked
+  against what vLLM returns. Greedy (temperature 0) is the exception vLLM makes: it returns
+  the untempered log-softmax of the raw logits there (asked from vLLM, the hook never runs),
+  and so do we.
 - kept ids: on CPU, read from the sampler itself (rollout/_vllm_capture.py): a hook on its
   top-k/top-p stage keeps the finite entries of the processed log-probs it samples from, so
   the set is exact and of any size (ties at the k-th logit, which vLLM all keeps and bf16
@@ -259,14 +262,17 @@ class VLLMEngine:
             out.setdefault("enable_return_routed_experts", True)
         return out
 
-    def logprobs_needed(self, sampling: Sampling) -> int:
-        """How many top log-probs per token `sampling` needs recorded (0: the sampled token's
-        only; on CPU the sampler hook records the kept set). Raises ValueError for a sampling
-        whose kept set cannot be recorded exactly."""
+    def logprobs_needed(self, sampling: Sampling) -> int | None:
+        """How many top log-probs per token vLLM must return for `sampling`: None when the
+        sampler hook records pi_old and the kept set (CPU, temperature > 0), 0 for the sampled
+        token's only, N to show the kept set. Raises ValueError for a sampling whose kept set
+        cannot be recorded exactly."""
         t = sampling.temperature
         if 0 < t < _GREEDY_BELOW:
             raise ValueError(f"temperature={t} is below {_GREEDY_BELOW}: vLLM samples greedily")
-        if not sampling.truncated or self.dense:
+        if self._from_sampler(sampling):
+            return None
+        if not sampling.truncated:
             return 0
         if sampling.top_k <= 0:
             raise ValueError(
@@ -281,6 +287,11 @@ class VLLMEngine:
                 f"{self.tie_margin}); start the engine with max_logprobs >= {needed}"
             )
         return needed
+
+    def _from_sampler(self, sampling: Sampling) -> bool:
+        """Whether the sampler hook records pi_old and the kept set (CPU; vLLM returns before
+        its top-k/top-p stage when sampling greedily)."""
+        return self.dense and sampling.temperature > 0
 
     def _check_lengths(self, prompts: list[list[int]], sampling: Sampling) -> None:
         for i, prompt in enumerate(prompts):
@@ -299,7 +310,7 @@ class VLLMEngine:
                     f"prompt {i}: {total} tokens exceed max_model_len={self.max_model_len}"
                 )
 
-    def _params(self, sampling: Sampling, n_logprobs: int, seed: int | None) -> Any:
+    def _params(self, sampling: Sampling, n_logprobs: int | None, seed: int | None) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -371,18 +382,15 @@ class VLLMEngine:
             raise ValueError(f"n must be >= 1, got {n}")
         n_logprobs = self.logprobs_needed(sampling)
         self._check_lengths(prompts, sampling)
-        outputs = self._run(prompts, sampling, n, n_logprobs)
+        outputs = self._run(prompts, sampling, n, n_logprobs, record=True)
         ids = [o.request_id for o in outputs]
-        routing, kept = {}, {}
+        routing, sampled = {}, {}
         if self.dense:
             packed = self._rpc("keeprl_collect_routing", ids)
             routing = {key: capture.unpack(value) for key, value in packed.items()}
-            if sampling.truncated:
-                packed_kept = self._rpc("keeprl_collect_kept", ids)
-                kept = {
-                    key: (capture.unpack(flat), capture.unpack(counts))
-                    for key, (flat, counts) in packed_kept.items()
-                }
+        if self._from_sampler(sampling):
+            packed = self._rpc("keeprl_collect_sampled", ids)
+            sampled = {key: [capture.unpack(p) for p in value] for key, value in packed.items()}
         trajectories = [
             self._trajectory(
                 k // n,
@@ -390,7 +398,7 @@ class VLLMEngine:
                 sampling,
                 n_logprobs,
                 routing.get(out.request_id),
-                kept.get(out.request_id),
+                sampled.get(out.request_id),
             )
             for k, out in enumerate(outputs)
         ]
@@ -406,14 +414,20 @@ class VLLMEngine:
         if self.dense:
             self._rpc("keeprl_set_capture_enabled", False)
         try:
-            outputs = self._run(prompts, sampling, n, None)
+            outputs = self._run(prompts, sampling, n, None, record=False)
         finally:
             if self.dense:
                 self._rpc("keeprl_set_capture_enabled", True)
         return [list(o.outputs[0].token_ids) for o in outputs]
 
     def _run(
-        self, prompts: list[list[int]], sampling: Sampling, n: int, n_logprobs: int | None
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        n: int,
+        n_logprobs: int | None,
+        *,
+        record: bool,
     ) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
@@ -427,7 +441,8 @@ class VLLMEngine:
                 params.append(self._params(sampling, n_logprobs, seed))
         if self.dense:
             self._rpc("keeprl_reset_capture")
-            self._rpc("keeprl_set_record_kept", n_logprobs is not None and sampling.truncated)
+            from_sampler = record and self._from_sampler(sampling)
+            self._rpc("keeprl_set_record_sampled", from_sampler, sampling.truncated)
         return self.llm.generate(requests, params, use_tqdm=False)
 
     def _trajectory(
@@ -435,9 +450,9 @@ class VLLMEngine:
         prompt_index: int,
         out: Any,
         sampling: Sampling,
-        n_logprobs: int,
+        n_logprobs: int | None,
         routing: np.ndarray | None,
-        sampler_kept: tuple[np.ndarray, np.ndarray] | None,
+        sampled: list[np.ndarray] | None,
     ) -> Trajectory:
         completion = out.outputs[0]
         response = list(completion.token_ids)
@@ -447,9 +462,12 @@ class VLLMEngine:
             )
         if routing is None and self.dense:
             raise RuntimeError(f"request {out.request_id}: routing capture returned nothing")
-        logprobs, kept = self._decode_logprobs(
-            out.request_id, completion, sampling, n_logprobs, sampler_kept
-        )
+        if self._from_sampler(sampling):
+            logprobs, kept = self._sampler_record(out.request_id, completion, sampling, sampled)
+        else:
+            logprobs, kept = self._decode_logprobs(
+                out.request_id, completion, sampling, n_logprobs or 0
+            )
         if routing is None:
             routing = self._returned_routing(out.request_id, completion)
         return Trajectory(
@@ -472,10 +490,9 @@ class VLLMEngine:
         completion: Any,
         sampling: Sampling,
         n_logprobs: int,
-        sampler_kept: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """pi_old [R] and the kept ids of each position: from the sampler hook's (flat ids,
-        count per token) where given (CPU), else from vLLM's flat log-probs.
+        """pi_old [R] and the kept ids of each position from vLLM's flat log-probs (greedy on
+        CPU; GPUs).
 
         Each position holds 1 + n_logprobs entries: the sampled token first, then the top
         n_logprobs (which may repeat it), -inf where top-k/top-p cut.
@@ -499,8 +516,6 @@ class VLLMEngine:
         pi_old = values[:, 0].astype(np.float32)
         if not sampling.truncated:
             return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
-        if self.dense:
-            return pi_old, self._sampler_kept(request_id, response, sampler_kept)
         finite = np.isfinite(values[:, 1:])
         if n_logprobs < self.args.vocab_size and finite.all(axis=1).any():
             t = int(np.argmax(finite.all(axis=1)))
@@ -522,18 +537,31 @@ class VLLMEngine:
         return pi_old, [ordered[t, :c] for t, c in enumerate(finite.sum(axis=1).tolist())]
 
     @staticmethod
-    def _sampler_kept(
-        request_id: str, response: np.ndarray, sampler_kept: tuple[np.ndarray, np.ndarray] | None
-    ) -> list[np.ndarray]:
-        """Split the sampler hook's kept ids per token, checked against the response."""
-        if sampler_kept is None:
-            raise RuntimeError(f"request {request_id}: the sampling-mask capture returned nothing")
-        flat, counts = sampler_kept
-        if len(counts) != len(response):
+    def _sampler_record(
+        request_id: str, completion: Any, sampling: Sampling, sampled: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """pi_old [R] and the kept ids of each position from the sampler hook's record
+        (tokens, pi_old[, flat kept ids, kept-set sizes]), checked against vLLM's output."""
+        if sampled is None:
+            raise RuntimeError(f"request {request_id}: the sampler capture returned nothing")
+        response = np.asarray(completion.token_ids, dtype=np.int64)
+        tokens, pi_old = sampled[0], sampled[1]
+        if not np.array_equal(tokens, response):
             raise RuntimeError(
-                f"request {request_id}: the sampler recorded {len(counts)} kept sets for "
-                f"{len(response)} generated tokens"
+                f"request {request_id}: the sampler recorded {len(tokens)} tokens that differ "
+                f"from the {len(response)} vLLM returned"
             )
+        if not np.isfinite(pi_old).all():
+            t = int(np.argmin(np.isfinite(pi_old)))
+            raise RuntimeError(
+                f"request {request_id}, response position {t}: the sampled token's processed "
+                "log-prob is not finite"
+            )
+        if not sampling.truncated:
+            return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
+        if len(sampled) != 4:
+            raise RuntimeError(f"request {request_id}: the sampler recorded no kept sets")
+        flat, counts = sampled[2], sampled[3]
         kept = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
         for t, (token, ids) in enumerate(zip(response.tolist(), kept, strict=True)):
             i = int(np.searchsorted(ids, token))
@@ -542,7 +570,7 @@ class VLLMEngine:
                     f"request {request_id}, position {t}: sampled token {token} is outside "
                     "the recorded kept set"
                 )
-        return kept
+        return pi_old, kept
 
     def _returned_routing(self, request_id: str, completion: Any) -> np.ndarray:
         """Routing from vLLM's own recorder (GPU, Model Runner V2). Untested here."""

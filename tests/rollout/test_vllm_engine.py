@@ -189,8 +189,9 @@ def test_replayed_routing_reproduces_vllm_logprobs(engine, checkpoints):
         TOPK,
         Sampling(temperature=1.0, top_k=20, max_tokens=8, seed=3),
         Sampling(temperature=1.0, top_p=0.95, max_tokens=8, seed=3),
+        Sampling(temperature=0.8, max_tokens=8, seed=3),
     ],
-    ids=["top_k+top_p", "top_k", "top_p"],
+    ids=["top_k+top_p", "top_k", "top_p", "untruncated"],
 )
 def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine, sampling):
     engine.llm.collective_rpc("keeprl_install_capture", args=(True,))
@@ -207,6 +208,10 @@ def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine, sampling):
         expected = kept_ids_of(z)
         logp = z.log_softmax(-1)
         for t, token in enumerate(traj.response_ids):
+            assert traj.logprobs[t] == pytest.approx(float(logp[t, token]), abs=1e-5)
+            if not sampling.truncated:  # nothing cut: no kept set is recorded
+                assert len(traj.kept_ids[t]) == 0
+                continue
             kept = set(traj.kept_ids[t].tolist())
             ours = {i for i in expected[t].tolist() if i >= 0}
             assert token in kept and len(kept) == len(ours)
@@ -218,8 +223,9 @@ def test_kept_sets_equal_top_k_top_p_of_vllms_logits(engine, sampling):
                 for i in kept ^ ours
             )
             swaps += kept != ours
-            assert traj.logprobs[t] == pytest.approx(float(logp[t, token]), abs=1e-5)
             sizes.append(len(kept))
+    if not sampling.truncated:
+        return
     print(
         f"\nkept-set sizes: min {min(sizes)} max {max(sizes)} (top_k {sampling.top_k}); "
         f"{swaps} of {len(sizes)} positions kept a different one of tokens tied at the boundary"
@@ -290,10 +296,10 @@ def test_broken_capture_fails_loudly(engine):
         engine.llm.collective_rpc(_restore_routes)
     rpc = engine._rpc
     engine._rpc = lambda method, *args: rpc(
-        method, *((False,) if method == "keeprl_set_record_kept" else args)
+        method, *((False, False) if method == "keeprl_set_record_sampled" else args)
     )
     try:
-        with pytest.raises(RuntimeError, match="sampling-mask capture returned nothing"):
+        with pytest.raises(RuntimeError, match="the sampler capture returned nothing"):
             engine.generate(PROMPTS[:1], TOPK)
     finally:
         del engine._rpc
