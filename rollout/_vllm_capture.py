@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,20 @@ def _moe_runners(model: torch.nn.Module) -> dict[int, Any]:
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     return {m.layer_id: m for m in model.modules() if isinstance(m, MoERunner)}
+
+
+@dataclass
+class SampledStep:
+    """What the sampler hook saw in one step, row i belonging to req_ids[i]: keep (rows vLLM
+    did not discard), the sampled tokens, their pi_old and, if recorded, the kept ids of all
+    rows concatenated (flat) with each row's count."""
+
+    req_ids: list[str]
+    keep: np.ndarray
+    tokens: np.ndarray
+    pi_old: np.ndarray
+    flat: np.ndarray | None
+    counts: np.ndarray | None
 
 
 class RoutingCapture:
@@ -68,7 +83,7 @@ class RoutingCapture:
         self.logits: dict[str, list[np.ndarray]] | None = None
         self.record_sampled = False  # sampled token + pi_old of every row
         self.record_kept = False  # and the kept ids
-        self.sampled: dict[str, list[tuple[int, float, np.ndarray | None]]] = {}
+        self.sampled: list[SampledStep] = []
         self.original_execute_model = runner.execute_model
 
     def on_route(self, layer_id: int, topk_ids: torch.Tensor) -> None:
@@ -151,18 +166,18 @@ class RoutingCapture:
             )
             return
         tokens = tokens.reshape(-1).long()
-        pi_old = processed.gather(1, tokens[:, None])[:, 0].float().cpu().tolist()
-        tokens_l = tokens.cpu().tolist()
-        kept: list[np.ndarray | None] = [None] * len(req_ids)
+        pi_old = processed.gather(1, tokens[:, None])[:, 0].float().cpu().numpy()
+        flat = counts = None
         if self.record_kept:
             finite = torch.isfinite(processed).cpu()
-            ids = finite.nonzero()[:, 1].to(torch.int32).numpy()
-            ends = np.cumsum(finite.sum(dim=1).numpy())
-            kept = np.split(ids, ends[:-1])
-        discard = self.runner.discard_request_mask.np[: len(req_ids)]
-        for i, req_id in enumerate(req_ids):
-            if not discard[i]:
-                self.sampled.setdefault(req_id, []).append((tokens_l[i], pi_old[i], kept[i]))
+            flat = finite.nonzero()[:, 1].to(torch.int32).numpy()
+            counts = finite.sum(dim=1).numpy()
+        # Kept as the step's arrays: splitting them per request here would cost a Python loop
+        # over the batch every step; collect_sampled does it once, vectorised.
+        keep = ~self.runner.discard_request_mask.np[: len(req_ids)].astype(bool)
+        self.sampled.append(
+            SampledStep(list(req_ids), keep, tokens.cpu().numpy(), pi_old, flat, counts)
+        )
 
     def on_sample(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the sampler: keep each request's logits row (test probe)."""
@@ -281,26 +296,55 @@ def collect_routing(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
 def collect_sampled(worker: Any, request_ids: list[str]) -> dict[str, tuple[Packed, ...]]:
     """Per request (tokens int64, pi_old float32, and with kept ids recorded: flat kept ids
     int32, kept-set size per token int32), all packed, for the caller's request ids, and
-    forget them."""
+    forget them. Rows are regrouped by request with one stable sort (step order is kept)."""
     cap = worker.keeprl_capture
     errors, cap.errors = cap.errors, []
-    sampled, cap.sampled = cap.sampled, {}
+    steps, cap.sampled = cap.sampled, []
     if errors:
         raise RuntimeError("sampler capture failed: " + "; ".join(errors[:3]))
     wanted = set(request_ids)
+    keys: dict[str, int] = {}
+    names: list[str | None] = []
+    owner = []  # per step: each row's request number, -1 for rows of no wanted request
+    for st in steps:
+        row_owner = np.full(len(st.req_ids), -1, dtype=np.int64)
+        for i, req_id in enumerate(st.req_ids):
+            if st.keep[i]:
+                if req_id not in keys:
+                    keys[req_id] = len(names)
+                    names.append(_external_id(req_id, wanted))
+                row_owner[i] = keys[req_id]
+        owner.append(row_owner)
+    if not steps:
+        return {}
+    row_owner = np.concatenate(owner)
+    tokens = np.concatenate([st.tokens for st in steps]).astype(np.int64)
+    pi_old = np.concatenate([st.pi_old for st in steps]).astype(np.float32)
+    with_kept = all(st.flat is not None for st in steps)
+    order = np.argsort(row_owner, kind="stable")
+    order = order[row_owner[order] >= 0]
+    bounds = np.searchsorted(row_owner[order], np.arange(len(names) + 1))
+    if with_kept:
+        counts = np.concatenate([st.counts for st in steps]).astype(np.int64)
+        flat = np.concatenate([st.flat for st in steps]).astype(np.int32)
+        starts = np.cumsum(counts) - counts
+        sorted_counts = counts[order]
+        # Where each kept id of the regrouped rows sits in `flat`.
+        within = np.arange(int(sorted_counts.sum())) - np.repeat(
+            np.cumsum(sorted_counts) - sorted_counts, sorted_counts
+        )
+        sorted_flat = flat[np.repeat(starts[order], sorted_counts) + within]
+        flat_bounds = np.concatenate([[0], np.cumsum(sorted_counts)])[bounds]
     out: dict[str, tuple[Packed, ...]] = {}
-    for req_id, rows in sampled.items():
-        key = _external_id(req_id, wanted)
+    for n, key in enumerate(names):
         if key is None:
             continue
-        tokens = np.array([r[0] for r in rows], dtype=np.int64)
-        pi_old = np.array([r[1] for r in rows], dtype=np.float32)
-        kept = [r[2] for r in rows]
-        if any(k is None for k in kept):
-            out[key] = (pack(tokens), pack(pi_old))
-        else:
-            counts = np.array([len(k) for k in kept], dtype=np.int32)
-            out[key] = (pack(tokens), pack(pi_old), pack(np.concatenate(kept)), pack(counts))
+        rows = order[bounds[n] : bounds[n + 1]]
+        record = [pack(tokens[rows]), pack(pi_old[rows])]
+        if with_kept:
+            lo, hi = flat_bounds[n], flat_bounds[n + 1]
+            record += [pack(sorted_flat[lo:hi]), pack(counts[rows].astype(np.int32))]
+        out[key] = tuple(record)
     return out
 
 

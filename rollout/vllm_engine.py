@@ -562,14 +562,18 @@ class VLLMEngine:
         if len(sampled) != 4:
             raise RuntimeError(f"request {request_id}: the sampler recorded no kept sets")
         flat, counts = sampled[2], sampled[3]
+        if len(counts) != len(response) or int(counts.sum()) != len(flat):
+            raise RuntimeError(f"request {request_id}: the recorded kept sets do not add up")
+        # Each token must be in its own kept set: count the matches per position.
+        position = np.repeat(np.arange(len(response)), counts)
+        found = np.bincount(position[flat == response[position]], minlength=len(response))
+        if not found.all():
+            t = int(np.argmin(found))
+            raise RuntimeError(
+                f"request {request_id}, position {t}: sampled token {int(response[t])} is "
+                "outside the recorded kept set"
+            )
         kept = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
-        for t, (token, ids) in enumerate(zip(response.tolist(), kept, strict=True)):
-            i = int(np.searchsorted(ids, token))
-            if i == len(ids) or ids[i] != token:  # ids ascend (the hook's nonzero order)
-                raise RuntimeError(
-                    f"request {request_id}, position {t}: sampled token {token} is outside "
-                    "the recorded kept set"
-                )
         return pi_old, kept
 
     def _returned_routing(self, request_id: str, completion: Any) -> np.ndarray:

@@ -394,3 +394,30 @@ def test_native_rope_setting_merges_with_the_callers_compilation_config():
     assert merged == {"custom_ops": ["+rms_norm", "-rotary_embedding"], "mode": 0}
     with pytest.raises(ValueError, match="mis-rotates"):
         _native_rope({"custom_ops": ["+rotary_embedding"]})
+
+
+def test_sampler_record_is_regrouped_by_request_in_step_order():
+    from types import SimpleNamespace as NS
+
+    from rollout._vllm_capture import SampledStep, collect_sampled
+
+    def step(req_ids, keep, tokens, kept):
+        counts = np.array([len(k) for k in kept], dtype=np.int64)
+        flat = np.concatenate([np.array(k, dtype=np.int32) for k in kept])
+        pi_old = -np.arange(1, len(tokens) + 1, dtype=np.float32) / 10
+        return SampledStep(req_ids, np.array(keep), np.array(tokens), pi_old, flat, counts)
+
+    steps = [  # request "b" is still prefilling in the first step: its row is discarded
+        step(["a-x", "b-x"], [True, False], [5, 9], [[1, 5], [9]]),
+        step(["b-x", "a-x"], [True, True], [7, 6], [[7], [2, 6, 8]]),
+        step(["a-x", "c-x"], [True, True], [3, 4], [[3], [4, 5]]),
+    ]
+    cap = NS(sampled=steps, errors=[])
+    out = collect_sampled(NS(keeprl_capture=cap), ["a", "b"])
+    assert sorted(out) == ["a", "b"] and cap.sampled == []  # "c" is not asked for
+    tokens, pi_old, flat, counts = (unpack(p) for p in out["a"])
+    assert tokens.tolist() == [5, 6, 3] and counts.tolist() == [2, 3, 1]
+    assert flat.tolist() == [1, 5, 2, 6, 8, 3]
+    np.testing.assert_allclose(pi_old, [-0.1, -0.2, -0.1])
+    tokens, pi_old, flat, counts = (unpack(p) for p in out["b"])
+    assert tokens.tolist() == [7] and flat.tolist() == [7] and counts.tolist() == [1]
