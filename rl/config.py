@@ -35,14 +35,63 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexerWarmupConfig:
+    """Warm-start stage 2, the indexer's dense warm-up: everything but the lightning indexers
+    frozen, dense attention, loss = KL(main attention || indexer) over every visible key.
+    The paper: lr 1e-3, 1000 steps of 16 x 128K tokens."""
+
+    steps: int = 0  # 0 skips the stage
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseSFTConfig:
+    """Warm-start stage 3, sparse SFT: DSA on (each query attends to its indexer top-k); the
+    main model learns from the LM loss at `lr`, the indexer from its KL on the selected set at
+    `indexer_lr`. The indexer's inputs are detached, so the two losses reach disjoint
+    parameters: separate learning rates, not a loss coefficient, set their balance."""
+
+    steps: int = 0  # 0 skips the stage
+    lr: float = 3e-4
+    indexer_lr: float = 1e-3
+
+
+@dataclass(frozen=True, kw_only=True)
 class WarmStartConfig:
-    """Supervised warm-start on reference answers before RL (cached by its settings)."""
+    """Supervised warm-start on reference answers before RL (cached by its settings), in the
+    DeepSeek-V3.2 order: (1) dense SFT of the whole model (`steps` at `lr`; dense attention),
+    (2) `indexer_warmup`, (3) `sparse_sft`. Stages with 0 steps are skipped; stages 2-3 are
+    off by default and matter only when the model's index_topk is below the sequence length
+    (otherwise DSA selects every key and is exactly dense attention)."""
 
     enabled: bool = False
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 300  # stage 1, dense SFT; 0 skips it
+    batch_size: int = 32  # sequences per step, every stage
+    lr: float = 3e-3  # stage 1
+    indexer_warmup: IndexerWarmupConfig = field(default_factory=IndexerWarmupConfig)
+    sparse_sft: SparseSFTConfig = field(default_factory=SparseSFTConfig)
     cache_dir: str = "~/.cache/keeprl/warm_start"
+
+    def __post_init__(self) -> None:
+        for name, value in [
+            ("steps", self.steps),
+            ("indexer_warmup.steps", self.indexer_warmup.steps),
+            ("sparse_sft.steps", self.sparse_sft.steps),
+        ]:
+            if value < 0:
+                raise ConfigError(
+                    f"warm_start.{name} must be >= 0 (0 skips the stage), got {value}"
+                )
+        if self.batch_size < 1:
+            raise ConfigError(f"warm_start.batch_size must be >= 1, got {self.batch_size}")
+        for name, value in [
+            ("lr", self.lr),
+            ("indexer_warmup.lr", self.indexer_warmup.lr),
+            ("sparse_sft.lr", self.sparse_sft.lr),
+            ("sparse_sft.indexer_lr", self.sparse_sft.indexer_lr),
+        ]:
+            if value < 0:
+                raise ConfigError(f"warm_start.{name} must be >= 0, got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,11 +213,12 @@ def _check(cfg: ExperimentConfig) -> None:
             "data.path (a JSONL/Parquet file)"
         )
     s = cfg.rollout.sampling
-    if cfg.rollout.engine == "vllm" and s.top_p < 1 and s.top_k <= 0:
+    # On CPU the vLLM engine reads the kept set from its sampler (any size); on GPUs it reads
+    # it from the top-N log-probs, which top-p alone cannot bound (rollout/vllm_engine.py).
+    if cfg.rollout.engine == "vllm" and cfg.ray.rollout_gpus > 0 and s.top_p < 1 and s.top_k <= 0:
         raise ConfigError(
-            "rollout.sampling: the vLLM engine records the kept set from top-N "
-            "logprobs, which top-p alone cannot bound; also set "
-            "rollout.sampling.top_k"
+            "rollout.sampling: on GPUs the vLLM engine records the kept set from top-N "
+            "logprobs, which top-p alone cannot bound; also set rollout.sampling.top_k"
         )
     if cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(

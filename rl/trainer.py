@@ -116,16 +116,7 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path
             "warm_start": asdict(w),
             "data": asdict(cfg.data),
         }
-        return warm_start(
-            model,
-            stream,
-            tok,
-            steps=w.steps,
-            batch_size=w.batch_size,
-            lr=w.lr,
-            cache_dir=w.cache_dir,
-            settings=settings,
-        )
+        return warm_start(model, stream, tok, config=w, settings=settings)
     path = run / "initial_policy"
     if not (path / "config.json").exists():
         save_pretrained(model, path)

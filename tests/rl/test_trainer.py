@@ -26,6 +26,8 @@ def _overrides(run, cache, steps):
         "checkpoint.every=1",
         f"warm_start.cache_dir={cache}",
         "warm_start.steps=20",
+        "warm_start.indexer_warmup.steps=10",
+        "warm_start.sparse_sft.steps=5",
         "data.prompts_per_step=2",
         "rollout.samples_per_prompt=4",
         "rollout.sampling.max_tokens=4",
