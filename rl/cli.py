@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+PACKAGES = ("policy", "rl", "rollout", "rewards", "kernels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _log_to_stderr()
     handler = importlib.import_module(COMMANDS[args.command].handler)
     return handler.main(args)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests swap it), not the one at creation."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _log_to_stderr() -> None:
+    """Show keeprl's own INFO lines (warm-start stages, weight updates) on stderr; other
+    libraries' loggers keep their settings."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in PACKAGES:
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            lg.addHandler(handler)
+            lg.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ a request keeps one row per generated token, in order.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,6 +365,31 @@ def collect_logits(worker: Any, request_ids: list[str]) -> dict[str, Packed]:
     return out
 
 
+RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.model_loader.reload.inplace",
+)
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: tuple[str, ...], level: int = logging.ERROR) -> Iterator[None]:
+    """Drop the given loggers' records below `level` for the duration (their warnings are
+    known benign). A filter, not setLevel: vLLM reconfigures logging while it starts, which
+    resets its loggers' levels but leaves their filters alone."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= level
+
+    loggers = [logging.getLogger(name) for name in names]
+    for lg in loggers:
+        lg.addFilter(keep)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(keep)
+
+
 def checkpoint_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor of a safetensors checkpoint directory."""
     from safetensors import safe_open
@@ -405,7 +432,12 @@ def reload_weights(worker: Any, source: list[tuple[str, torch.Tensor]] | str) ->
                         f"in-place reload knows only plain CPU experts, not {type(fused)}"
                     )
                 experts.append((module, fused))
-    worker.reload_weights(weights_iterator=weights)
+    # vLLM warns of every tensor a reload does not overwrite; here those are all derived (the
+    # rotary cos/sin table, MLA's absorbed W_UK_T / W_UV, rebuilt from kv_b_proj), and the
+    # in-place == fresh-engine test covers them. Their warnings, each step, would bury the
+    # trainer's log.
+    with quiet_loggers(RELOAD_LOGGERS):
+        worker.reload_weights(weights_iterator=weights)
     for module, fused in experts:
         fused.process_weights_after_loading(module)
 

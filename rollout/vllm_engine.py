@@ -347,7 +347,9 @@ class VLLMEngine:
     def _start(self, serving_dir: Path) -> None:
         from vllm import LLM
 
-        with _process_state_kept():
+        # vLLM warms up a chat template at start and logs a traceback when, as here, no
+        # tokenizer is loaded (skip_tokenizer_init): harmless, and alarming in a user's log.
+        with _process_state_kept(), capture.quiet_loggers(("vllm.renderers.base",)):
             self.llm = LLM(model=str(serving_dir), **self.llm_kwargs)
         if self.dense:
             self._rpc("keeprl_install_capture")

@@ -421,3 +421,19 @@ def test_sampler_record_is_regrouped_by_request_in_step_order():
     np.testing.assert_allclose(pi_old, [-0.1, -0.2, -0.1])
     tokens, pi_old, flat, counts = (unpack(p) for p in out["b"])
     assert tokens.tolist() == [7] and flat.tolist() == [7] and counts.tolist() == [1]
+
+
+def test_quiet_loggers_drops_warnings_only_while_active(caplog):
+    import logging
+
+    from rollout._vllm_capture import quiet_loggers
+
+    log = logging.getLogger("keeprl.test.quiet")
+    with caplog.at_level(logging.INFO, logger="keeprl.test.quiet"):
+        with quiet_loggers(("keeprl.test.quiet",)):
+            log.warning("hidden")
+            log.error("shown")
+            log.setLevel(logging.NOTSET)  # what a logging reconfiguration does: still quiet
+            log.warning("hidden too")
+        log.warning("after")
+    assert [r.getMessage() for r in caplog.records] == ["shown", "after"]
