@@ -9,6 +9,7 @@ line per run with the reward curve. One setting per process so runs can go in pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -19,11 +20,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policy import Transformer, preset  # noqa: E402
 from rl.batch import Batch  # noqa: E402
+from rl.config import IndexerWarmupConfig, SparseSFTConfig, WarmStartConfig  # noqa: E402
 from rl.learner import Learner, LearnerConfig  # noqa: E402
 from rl.loss import LossConfig  # noqa: E402
 from rl.tasks import TaskStream  # noqa: E402
 from rl.tokenizer import CharTokenizer  # noqa: E402
-from rl.warm_start import train_sft  # noqa: E402
+from rl.warm_start import run_stages  # noqa: E402
+
+# The warm-start of configs/native-sparse.yaml (stage 1's steps come from the sweep's `sft`).
+SPARSE_WARM_START = WarmStartConfig(
+    enabled=True,
+    batch_size=64,
+    lr=1e-3,
+    indexer_warmup=IndexerWarmupConfig(steps=200, lr=1e-3),
+    sparse_sft=SparseSFTConfig(steps=50, lr=3e-4, indexer_lr=1e-3),
+)
+MAX_SEQ_LEN = 16  # <bos> + "a+b=" (at most 6 chars for operands up to 99) + 6 new tokens
 from rollout import NativeEngine, Sampling  # noqa: E402
 
 DEFAULTS = {
@@ -45,7 +57,12 @@ def run(maxop, sft, lr, updates, P, G, steps, topk, beta, seed) -> list[float]: 
     torch.manual_seed(seed)
     model = Transformer(preset("tiny", vocab_size=128, index_topk=topk))
     warm = TaskStream("arithmetic", None, 10_000 + seed, {"max_operand": maxop})
-    train_sft(model, warm, tok, steps=sft, batch_size=64, lr=1e-3)
+    warm_cfg = dataclasses.replace(SPARSE_WARM_START, steps=sft)
+    if topk >= MAX_SEQ_LEN:  # DSA selects every key, so the indexer stages have no effect
+        warm_cfg = dataclasses.replace(
+            warm_cfg, indexer_warmup=IndexerWarmupConfig(), sparse_sft=SparseSFTConfig()
+        )
+    run_stages(model, warm, tok, warm_cfg)
     engine = NativeEngine(model)
     learner = Learner(model, LearnerConfig(lr=lr, loss=LossConfig(eps_high=0.28, beta=beta)))
     stream = TaskStream("arithmetic", None, seed, {"max_operand": maxop})
