@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .tracking import RUN_ID_FILE, STORE_FILE, local_store_uri, read_pending_rows
+
 DEFAULT_METRICS = ("reward_mean", "accuracy", "kl")  # those a run logged; kl needs a KL term
 PENDING = "metrics.pending.jsonl"
 
@@ -40,8 +42,7 @@ def _mlflow_uri(run: Path) -> str | None:
         uri = (yaml.safe_load(cfg_file.read_text()) or {}).get("tracking", {}).get("mlflow_uri")
         if uri:
             return uri
-    db = run / "mlflow.db"
-    return f"sqlite:///{db.resolve()}" if db.exists() else None
+    return local_store_uri(run) if (run / STORE_FILE).exists() else None
 
 
 def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
@@ -49,7 +50,7 @@ def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
     read-only: no Tracker, so the run's status is left as it is. ([], reader of nothing) when
     the run has no MLflow store yet."""
     run = Path(run_dir)
-    uri, id_file = _mlflow_uri(run), run / "mlflow_run_id"
+    uri, id_file = _mlflow_uri(run), run / RUN_ID_FILE
     if uri is None or not id_file.exists():
         return [], lambda key: []
     from mlflow.exceptions import MlflowException
@@ -67,8 +68,6 @@ def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
 def read_pending(run_dir: str | Path) -> dict[int, dict[str, float]]:
     """step -> metrics of `<run>/metrics.pending.jsonl`; a later line for a step wins (a
     resumed run logs the steps it reruns again)."""
-    from .tracking import read_pending_rows
-
     return {int(r["step"]): r["metrics"] for r in read_pending_rows(Path(run_dir) / PENDING)}
 
 

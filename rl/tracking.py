@@ -16,6 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+STORE_FILE = "mlflow.db"  # the default local store, in the run directory
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def local_store_uri(run_dir: str | Path) -> str:
+    """The tracking URI of a run directory's default local store."""
+    return f"sqlite:///{(Path(run_dir) / STORE_FILE).resolve()}"
+
 
 class Tracker:
     """One MLflow run per experiment directory (the run id is kept in `<run>/mlflow_run_id`).
@@ -41,7 +49,7 @@ class Tracker:
         # A client, not mlflow's module-level "active run", so several trackers (and the
         # user's own MLflow use) can share a process. Default: a local SQLite store in the
         # run directory (MLflow's file store is frozen).
-        self.client = MlflowClient(uri or f"sqlite:///{(self.dir / 'mlflow.db').resolve()}")
+        self.client = MlflowClient(uri or local_store_uri(self.dir))
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = (
             exp.experiment_id
@@ -50,7 +58,7 @@ class Tracker:
                 experiment, artifact_location=(self.dir / "mlartifacts").resolve().as_uri()
             )
         )
-        id_file = self.dir / "mlflow_run_id"
+        id_file = self.dir / RUN_ID_FILE
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")

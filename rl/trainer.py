@@ -110,12 +110,8 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path
         stream = TaskStream(
             cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs
         )
-        settings = {
-            "model": args.to_dict(),
-            "seed": cfg.trainer.seed,
-            "warm_start": asdict(w),
-            "data": asdict(cfg.data),
-        }
+        # warm_start() adds the stage settings (w) to the cache key itself.
+        settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "data": asdict(cfg.data)}
         return warm_start(model, stream, tok, config=w, settings=settings)
     path = run / "initial_policy"
     if not (path / "config.json").exists():
