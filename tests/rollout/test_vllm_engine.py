@@ -112,27 +112,68 @@ def _routing_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(shared.mean() / a.shape[-1])
 
 
+def _greedy_deficits(reference, prompt: list[int], response: list[int]) -> np.ndarray:
+    """How far below the reference's best logit each greedy pick stands [R] (0 where the pick
+    is the reference's argmax), teacher-forced along the response itself."""
+    ids = torch.tensor([prompt + response[:-1]])
+    with torch.no_grad():
+        logits = reference(ids).logits[0, len(prompt) - 1 :].float()
+    picked = logits[torch.arange(len(response)), response]
+    return (logits.max(-1).values - picked).numpy()
+
+
 def test_greedy_matches_the_native_engine(engine, checkpoints):
+    """Greedy decoding agrees with our policy wherever bf16 rounding cannot flip the choice.
+
+    The reference is the served bf16 checkpoint evaluated in float32. Two bf16 implementations
+    (vLLM's kernels, our bf16 policy) each move a logit by up to some eps from it, so a pick may
+    differ from the reference's argmax only where the reference's margin is within 2 eps. eps is
+    measured here, on these very sequences, as our bf16 policy's largest logit deviation from
+    the reference; vLLM may round at other points, so the near-tie bound gives it twice that:
+    4 eps (~0.1 nats on the tiny model). Which picks tie depends on the CPU the fixture model
+    was trained on: one machine measured a 0.03-nat margin at which vLLM and our bf16 engine
+    chose differently. With vLLM's CPU rotary kernel back on (the bug this guards against), 1
+    to 10 of 16 answers agree and wrong picks stand 0.2-8 nats below the reference's best.
+    """
     path, model = checkpoints["a"]
+    reference = policy.load_pretrained(path, dtype=torch.float32).eval()
     greedy = Sampling(temperature=0, max_tokens=8, stop_token_ids=(TOK.eos_id,))
     trajs = engine.generate(PROMPTS, greedy)
     native = NativeEngine(path, dtype=torch.bfloat16).generate(PROMPTS, greedy)
     # Every prompt ends with "=": distinct answers can only come from attention.
     assert len({tuple(t.response_ids) for t in trajs}) >= len(PROMPTS) // 2
-    agreements, gaps = [], []
+    eps = 0.0
+    for traj in trajs:
+        want, _ = _forward(reference, traj, replay=False)
+        ours, _ = _forward(model, traj, replay=False)
+        eps = max(eps, float((ours - want).abs().max()))
+    near_tie = 4 * eps
+    agreements, gaps, deficits = [], [], {"vllm": [], "native": []}
     for prompt, traj, ref in zip(PROMPTS, trajs, native, strict=True):
         assert traj.prompt_ids == prompt and traj.engine == "vllm" and traj.weight_version == 0
-        assert traj.response_ids == ref.response_ids, TOK.decode(prompt)
         assert traj.routing.shape == (traj.num_tokens - 1, 1, 2)
         assert all(len(k) == 0 for k in traj.kept_ids)  # greedy: nothing truncated
-        agreements.append(_routing_agreement(traj.routing, ref.routing[: len(traj.routing)]))
+        for name, out in (("vllm", traj), ("native", ref)):
+            deficits[name].append(_greedy_deficits(reference, prompt, out.response_ids).max())
+        if traj.response_ids == ref.response_ids:
+            agreements.append(_routing_agreement(traj.routing, ref.routing[: len(traj.routing)]))
         # The native sampler records greedy as a point mass (log-prob 0); vLLM records the
         # untempered log-softmax, compared here with our bf16 teacher-forced forward.
         logits, _ = _forward(model, traj, replay=False)
         rows = torch.arange(len(traj.response_ids))
         ours = logits.log_softmax(-1)[rows, traj.response_ids].numpy()
         gaps.append(np.abs(ours - traj.logprobs).max())
-    print(f"\ngreedy: max |log-prob gap| {max(gaps):.4f}; routing agreement {agreements}")
+    print(
+        f"\ngreedy: {len(agreements)} of {len(PROMPTS)} answers identical to the native bf16 "
+        f"engine; eps {eps:.4f}, near-tie bound {near_tie:.4f}; largest pick deficit vLLM "
+        f"{max(deficits['vllm']):.4f}, native {max(deficits['native']):.4f}; max |log-prob "
+        f"gap| {max(gaps):.4f}; routing agreement min {min(agreements):.3f}"
+    )
+    for name, found in deficits.items():
+        worst = int(np.argmax(found))
+        assert found[worst] < near_tie, (name, TOK.decode(PROMPTS[worst]), found[worst])
+    # Near-ties are rare: most answers agree outright (with the rotary bug, 1 to 10 of 16 did).
+    assert len(agreements) >= 3 * len(PROMPTS) // 4
     assert max(gaps) < LOGPROB_ATOL
     assert min(agreements) > 0.9
 
@@ -166,6 +207,7 @@ def test_replayed_routing_reproduces_vllm_logprobs(engine, checkpoints):
     model, n_experts = checkpoints["a"][1], checkpoints["a"][1].args.n_routed_experts
     trajs = engine.generate(PROMPTS, TOPK, n=2)
     gaps: dict[str, list[float]] = {"recorded": [], "ours": [], "shifted": []}
+    per_token: dict[str, list[float]] = {name: [] for name in gaps}
     for traj in trajs:
         # Shifting every expert id by one keeps each token's ids distinct but wrong: shows
         # that the comparison notices routing that is not what vLLM did.
@@ -174,13 +216,19 @@ def test_replayed_routing_reproduces_vllm_logprobs(engine, checkpoints):
             logits, routing = _forward(model, traj, replay)
             if name == "recorded":
                 assert np.array_equal(routing.numpy(), traj.routing)
-            gaps[name].append(np.abs(_masked_logprobs(logits, traj) - traj.logprobs).max())
+            gap = np.abs(_masked_logprobs(logits, traj) - traj.logprobs)
+            gaps[name].append(gap.max())
+            per_token[name].extend(gap)
     print(
         "\nmax |log-prob gap| replaying "
         + ", ".join(f"{k} routing {max(v):.4f}" for k, v in gaps.items())
+        + "; mean per token "
+        + ", ".join(f"{k} {np.mean(v):.5f}" for k, v in per_token.items())
     )
     assert max(gaps["recorded"]) < LOGPROB_ATOL
-    assert max(gaps["shifted"]) > 5 * LOGPROB_ATOL
+    # The control is measured against the noise floor it must stand out from: the recorded
+    # routing's gap on the same trajectories (mean per token; measured ~20x apart).
+    assert np.mean(per_token["shifted"]) > 5 * np.mean(per_token["recorded"])
 
 
 @pytest.mark.parametrize(
