@@ -14,10 +14,11 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .args import ModelArgs
@@ -111,8 +112,18 @@ def _weight_files(directory: Path) -> dict[str, list[str]]:
     single = directory / SINGLE_FILE
     if not single.exists():
         raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, framework="pt") as f:
+    with _damage_named(single), safe_open(single, framework="pt") as f:
         return {SINGLE_FILE: list(f.keys())}
+
+
+@contextmanager
+def _damage_named(path: Path) -> Iterator[None]:
+    """A damaged weight file (a garbled or truncated header, bytes cut off) as one
+    ValueError naming the file, instead of safetensors' own error."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{path}: damaged safetensors file: {str(e).splitlines()[0]}") from None
 
 
 def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
@@ -144,7 +155,10 @@ def load_pretrained(
     filled: set[tuple[str, int | None]] = set()
     skipped_mtp = 0
     for fname, names in _weight_files(directory).items():
-        with safe_open(directory / fname, framework="pt", device="cpu") as f:
+        with (
+            _damage_named(directory / fname),
+            safe_open(directory / fname, framework="pt", device="cpu") as f,
+        ):
             available = set(f.keys())
             for name in names:
                 if name.endswith("_scale_inv"):

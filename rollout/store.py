@@ -24,10 +24,18 @@ repetition levels per id. Sampling parameters are a struct, sub-scores a map<str
 `extra` the JSON of Trajectory.extra. The reader validates bytes (magic, footer, column-chunk
 extents, page checksums), then the schema version and every column's type, then values, and
 names the file and the byte offset or column that is wrong.
+
+Footer guard. Parquet checksums pages but not its footer, and pyarrow can abort the whole
+process on some corrupt footers (a flipped bit, seen in a flip-every-bit sweep). So the writer
+puts a 44-byte block between the data and the footer, which Parquet readers never look at:
+b"KEEPRLFG", the footer's length and the SHA-256 of the footer. The reader checks it before it
+lets pyarrow parse the footer; a file without the block (written elsewhere) is read unguarded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -50,6 +58,8 @@ STEP_KEY = b"keeprl.step"
 ROWS_PER_GROUP = 64  # bounds Arrow list offsets per batch and lets readers skip row groups
 ROUTING_DTYPES = {"uint8": np.dtype("u1"), "int16": np.dtype("<i2")}
 _MAGIC = b"PAR1"
+_GUARD_MAGIC = b"KEEPRLFG"
+_GUARD_SIZE = len(_GUARD_MAGIC) + 4 + 32  # magic, footer length (u32 LE), SHA-256 of the footer
 _STEP_FILE = re.compile(r"^step_(\d+)\.parquet$")
 _TEMP_SUFFIX = ".tmp"
 _WRITE_OPTIONS: dict[str, Any] = {
@@ -175,7 +185,7 @@ class RolloutStore:
         tmp = self.directory / f".{final.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}"
         try:
             with open(tmp, "wb") as f:
-                pq.write_table(table, f, **_WRITE_OPTIONS)
+                f.write(guarded_parquet(table))
                 f.flush()
                 os.fsync(f.fileno())
             if overwrite:
@@ -320,6 +330,18 @@ def _routing_bytes(routing: np.ndarray) -> bytes:
     return np.ascontiguousarray(routing, ROUTING_DTYPES[routing.dtype.name]).tobytes()
 
 
+def guarded_parquet(table: pa.Table) -> bytes:
+    """The Parquet bytes of `table` with the footer guard (module docstring) spliced in."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **_WRITE_OPTIONS)
+    data = buf.getvalue()
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - footer_len
+    footer = data[start : len(data) - 8]
+    guard = _GUARD_MAGIC + footer_len.to_bytes(4, "little") + hashlib.sha256(footer).digest()
+    return data[:start] + guard + data[start:]
+
+
 def build_table(
     step: int,
     trajectories: Sequence[Trajectory],
@@ -414,6 +436,7 @@ def _open_checked(path: Path) -> pq.ParquetFile:
             f"{size - 12} bytes before it",
             offset=size - 8,
         )
+    _check_guard(path, size, footer_len, footer_start)
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
@@ -436,6 +459,35 @@ def _open_checked(path: Path) -> pq.ParquetFile:
                     column=c.path_in_schema.split(".")[0],
                 )
     return pf
+
+
+def _check_guard(path: Path, size: int, footer_len: int, footer_start: int) -> None:
+    """CorruptFileError unless the footer matches its guard (files without one pass)."""
+    with open(path, "rb") as f:
+        f.seek(max(footer_start - _GUARD_SIZE, 0))
+        guard = f.read(_GUARD_SIZE)
+        if guard[: len(_GUARD_MAGIC)] != _GUARD_MAGIC:
+            # The footer length may be what is damaged: look for the guard elsewhere.
+            f.seek(0)
+            at = f.read().rfind(_GUARD_MAGIC)
+            if at < 0:
+                return  # no guard: written by another Parquet writer
+            raise CorruptFileError(
+                path,
+                f"footer length {footer_len} at byte offset {size - 8} does not match the "
+                f"footer guard at byte offset {at}: the end of the file is damaged",
+                offset=size - 8,
+            )
+        f.seek(footer_start)
+        footer = f.read(footer_len)
+    recorded = int.from_bytes(guard[8:12], "little")
+    if recorded != footer_len or hashlib.sha256(footer).digest() != guard[12:]:
+        raise CorruptFileError(
+            path,
+            f"footer at byte offset {footer_start} ({footer_len} bytes) is damaged: it does not "
+            "match its SHA-256 guard",
+            offset=footer_start,
+        )
 
 
 def _chunk_start(c: pq.ColumnChunkMetaData) -> int:

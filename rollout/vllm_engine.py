@@ -60,6 +60,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import weakref
@@ -78,6 +79,8 @@ from .trajectory import Sampling, Trajectory, compact_routing
 
 log = logging.getLogger(__name__)
 
+WORK_DIR_PREFIX = "keeprl-vllm-"
+OWNER_FILE = "owner.pid"
 ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -110,6 +113,38 @@ def _process_state_kept() -> Iterator[None]:
         torch.set_rng_state(torch_rng)
         torch.set_num_threads = set_threads
         set_threads(threads)
+
+
+@contextlib.contextmanager
+def _temp_files_in(directory: Path) -> Iterator[None]:
+    """Have Python's tempfile put files under `directory` for a while: vLLM leaves its
+    distributed-rendezvous file (`vllm_dist_*`) in the temp dir, and here it goes with the
+    engine's work directory instead of piling up in /tmp."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+def _remove_orphaned_work_dirs(parent: Path) -> None:
+    """Delete the work directories of engines whose process is gone (killed, so no cleanup
+    ran); a directory of a live process, or of another host's, is left alone."""
+    for path in parent.glob(f"{WORK_DIR_PREFIX}*"):
+        try:
+            host, pid_text = (path / OWNER_FILE).read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue  # not ours to judge (an older engine's, or being created)
+        if host != socket.gethostname():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _native_rope(compilation_config: Any) -> dict[str, Any]:
@@ -228,7 +263,9 @@ class VLLMEngine:
         self.llm_kwargs = self._llm_kwargs(engine_kwargs)
         self.max_logprobs = int(self.llm_kwargs["max_logprobs"])
         self.max_model_len = int(self.llm_kwargs["max_model_len"])
-        self._root = Path(tempfile.mkdtemp(prefix="keeprl-vllm-", dir=work_dir))
+        _remove_orphaned_work_dirs(Path(work_dir or tempfile.gettempdir()))
+        self._root = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=work_dir))
+        (self._root / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True)
         self._serial = 0
         self.llm: Any = None
@@ -349,7 +386,11 @@ class VLLMEngine:
 
         # vLLM warms up a chat template at start and logs a traceback when, as here, no
         # tokenizer is loaded (skip_tokenizer_init): harmless, and alarming in a user's log.
-        with _process_state_kept(), capture.quiet_loggers(("vllm.renderers.base",)):
+        with (
+            _process_state_kept(),
+            _temp_files_in(self._root),
+            capture.quiet_loggers(("vllm.renderers.base",)),
+        ):
             self.llm = LLM(model=str(serving_dir), **self.llm_kwargs)
         if self.dense:
             self._rpc("keeprl_install_capture")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
 
 from .trajectory import Engine, Sampling, Trajectory
+
+log = logging.getLogger(__name__)
 
 # Engines by name; anything else is a "module:attr" path or a picklable factory.
 ENGINES: dict[str, str] = {
@@ -104,6 +107,12 @@ class RolloutWorker:
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def close(self) -> None:
+        """Release the engine's resources (vLLM's work directory) before the actor goes."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs and what it serves (also a readiness probe)."""
@@ -282,7 +291,12 @@ class RolloutPool:
         return actor.update_weights.remote(payload, version)
 
     def shutdown(self) -> None:
-        """Kill the workers (and Ray itself when this pool started it)."""
+        """Close, then kill the workers (and Ray itself when this pool started it)."""
+        closing = [w.close.remote() for w in self.workers]
+        try:  # a clean close removes what the engines keep on disk; a dead one cannot
+            ray.get(closing, timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            log.warning("rollout workers did not all close cleanly: %s", str(e).splitlines()[0])
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

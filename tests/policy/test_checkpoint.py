@@ -93,6 +93,23 @@ def test_missing_tensor_is_named(make_model, tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["garbled header", "truncated header", "cut short"])
+def test_a_damaged_weight_file_is_one_line_naming_it(make_model, tmp_path, damage):
+    path = save_pretrained(make_model(), tmp_path / "ckpt")
+    weights = next(path.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    if damage == "garbled header":
+        data[8:24] = b"{not json at all"
+    elif damage == "truncated header":
+        data = data[:20]
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged safetensors file") as err:
+        load_pretrained(path)
+    assert str(weights) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_wrong_shape_is_named(make_model, tmp_path):
     save_pretrained(make_model(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

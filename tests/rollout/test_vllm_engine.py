@@ -22,6 +22,10 @@ engine's default.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -485,3 +489,30 @@ def test_quiet_loggers_drops_warnings_only_while_active(caplog):
             log.warning("hidden too")
         log.warning("after")
     assert [r.getMessage() for r in caplog.records] == ["shown", "after"]
+
+
+def test_engine_files_stay_in_its_work_dir_and_orphans_are_removed(engine, tmp_path):
+    # vLLM's rendezvous file lands in the engine's own directory, not loose in /tmp.
+    assert list(engine._root.glob("vllm_dist_*"))
+    from rollout.vllm_engine import OWNER_FILE, WORK_DIR_PREFIX, _remove_orphaned_work_dirs
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host = socket.gethostname()
+    owners = {
+        "orphan": f"{host} {dead.stdout.strip()}",
+        "live": f"{host} {os.getpid()}",
+        "elsewhere": f"another-host {dead.stdout.strip()}",
+        "legacy": None,
+    }
+    for name, owner in owners.items():
+        (tmp_path / f"{WORK_DIR_PREFIX}{name}").mkdir()
+        if owner:
+            (tmp_path / f"{WORK_DIR_PREFIX}{name}" / OWNER_FILE).write_text(owner)
+    _remove_orphaned_work_dirs(tmp_path)
+    left = sorted(p.name.removeprefix(WORK_DIR_PREFIX) for p in tmp_path.iterdir())
+    assert left == ["elsewhere", "legacy", "live"]
