@@ -1,8 +1,9 @@
 """The built-in verifier registry and the one loader that resolves names and `module:attr` paths.
 
 `get("math")` looks the name up in REGISTRY; `get("my_pkg.rewards:judge")` imports
-`my_pkg.rewards` and takes `judge`. A class is instantiated with no arguments; a function or
-an object with a `score` method is returned as is. `from_config` turns the YAML list
+`my_pkg.rewards` (installed, or under the current directory) and takes `judge`. A class is
+instantiated with no arguments; a function or an object with a `score` method is returned as
+is. `from_config` turns the YAML list
 
     - {name: math, weight: 1.0}
     - {name: my_pkg.rewards:judge, weight: 0.5, kwargs: {strict: true}}
@@ -15,6 +16,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,13 +41,27 @@ def _closest(word: str, options: Sequence[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def _import(module_name: str) -> Any:
+    """Import a plug-in module from the installed packages or, failing that, from the current
+    directory, as `python -m` would: `keeprl train` run from a project's root finds the
+    project's verifiers without installing them (a console script's sys.path lacks it)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)  # after the installed packages: it shadows none of them
+        return importlib.import_module(module_name)
+
+
 def load(path: str) -> Any:
     """Import `module:attr` (attr may be dotted) and return the object."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected 'module:attr', got {path!r}")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import {module_name!r} for verifier {path!r}: {exc}") from exc
     for part in attr.split("."):

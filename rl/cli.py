@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in trainer.output_dir from its last checkpoint",
+        help="continue the run in trainer.output_dir from its last intact checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the earlier keeprl run in trainer.output_dir and start over",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config before running"
@@ -154,6 +160,32 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     handler = importlib.import_module(COMMANDS[args.command].handler)
     return handler.main(args)
+
+
+def output_file_problem(path: str | None) -> str | None:
+    """Why `path` cannot be written as an output file (None: it can, or no path was given;
+    missing parent directories are created by the writer). Handlers check their `--json` /
+    `--out` paths with it before the work, not after."""
+    if not path:
+        return None
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return f"{path} is a directory"
+    probe = os.path.dirname(target)
+    while not os.path.exists(probe):  # the nearest existing ancestor decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"cannot write {path}: {probe} is not a directory"
+    if not os.access(probe, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        return f"cannot write {path}: permission denied"
+    return None
+
+
+def write_output(path: str, text: str) -> None:
+    """Write an output file checked by output_file_problem, creating its directories."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 class _StderrHandler(logging.StreamHandler):

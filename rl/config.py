@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 import rewards
+from rollout.trajectory import Sampling
 
 
 class ConfigError(ValueError):
@@ -123,8 +124,10 @@ class RolloutConfig:
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
     verifiers: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "math"}])
-    timeout_s: float = 10.0
-    workers: int = 1
+    timeout_s: float = 10.0  # per sample; a verifier that overruns is killed and scores 0
+    # Verifier processes scoring at once (each sample in a killable process); 0: one per CPU
+    # core of the machine the reward worker runs on.
+    workers: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +180,7 @@ class TrackingConfig:
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     every: int = 10  # steps between checkpoints
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept; 0 keeps every one
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +228,21 @@ def _check(cfg: ExperimentConfig) -> None:
             "rollout.samples_per_prompt must be >= 2: GRPO's advantage compares "
             "samples of one prompt"
         )
+    try:  # the engines' own checks, stated as config keys
+        Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
+    except ValueError as e:
+        raise ConfigError(f"rollout.sampling.{e}") from None
+    if cfg.rewards.timeout_s <= 0:
+        raise ConfigError(f"rewards.timeout_s must be > 0 seconds, got {cfg.rewards.timeout_s}")
+    if cfg.rewards.workers < 0:
+        raise ConfigError(
+            f"rewards.workers must be >= 0 (0: one per CPU core), got {cfg.rewards.workers}"
+        )
+    if cfg.checkpoint.keep_last < 0:
+        raise ConfigError(
+            f"checkpoint.keep_last must be >= 0 (the newest checkpoints kept; 0 keeps all), "
+            f"got {cfg.checkpoint.keep_last}"
+        )
     try:  # resolve verifier plug-ins now, not at the first reward
         rewards.from_config(cfg.rewards.verifiers)
     except (TypeError, ValueError) as e:
@@ -235,6 +253,7 @@ def _check(cfg: ExperimentConfig) -> None:
         ("checkpoint.every", cfg.checkpoint.every),
         ("rollout.workers", cfg.rollout.workers),
         ("data.prompts_per_step", cfg.data.prompts_per_step),
+        ("optim.micro_batch_tokens", cfg.optim.micro_batch_tokens),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -342,11 +361,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}".splitlines()[0]) from None
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: YAML syntax error{where}: {what}") from None
+        if data is None:
+            raise ConfigError(
+                f"{path}: the config file is empty; give at least the sections you change "
+                "(see configs/)"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        if isinstance(data.get("rewards"), list):
+            raise ConfigError(
+                f"{path}: 'rewards' is a section, not a list: put the verifier list under "
+                "rewards.verifiers (rewards: {verifiers: [...]})"
+            )
     return build(ExperimentConfig, apply_overrides(data, overrides or []))
 
 

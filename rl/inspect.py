@@ -24,6 +24,7 @@ from typing import Any
 from rollout.store import RolloutFileError, RolloutStore, StepRollouts, read_file
 from rollout.trajectory import Trajectory
 
+from .cli import output_file_problem, write_output
 from .tokenizer import CharTokenizer
 
 DEFAULT_LIMIT = 8  # trajectories shown when no --index is given; a step may hold hundreds
@@ -234,6 +235,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     """The `keeprl inspect RUN_DIR_OR_PARQUET [--step N] [--index I] [--json OUT]` handler."""
+    problem = output_file_problem(args.json)
+    if problem:
+        print(f"keeprl inspect: --json: {problem}", file=sys.stderr)
+        return 2
     try:
         report = inspect_step(args.source, args.step, index=args.index, limit=args.limit)
     except (InspectError, RolloutFileError, OSError) as e:
@@ -244,6 +249,6 @@ def main(args: Any) -> int:
     except BrokenPipeError:  # `keeprl inspect ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_output(args.json, json.dumps(report, indent=1))
         print(f"\nreport written to {args.json}")
     return 0

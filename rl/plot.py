@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .cli import output_file_problem
 from .tracking import RUN_ID_FILE, STORE_FILE, local_store_uri, read_pending_rows
 
 DEFAULT_METRICS = ("reward_mean", "accuracy", "kl")  # those a run logged; kl needs a KL term
@@ -145,6 +146,10 @@ def _draw(series: dict[str, list[tuple[int, float]]], path: Path, title: str) ->
 def main(args: Any) -> int:
     """The `keeprl plot RUN_DIR [--out PNG] [--metrics a,b]` handler."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    problem = output_file_problem(args.out)
+    if problem:
+        print(f"keeprl plot: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         path = plot_run(args.run_dir, args.out, metrics)
     except (PlotError, OSError) as e:

@@ -23,7 +23,9 @@ import rewards as rewards_pkg
 from policy import load_pretrained
 from rollout import RolloutStore
 
+from . import checkpoint as ckpt
 from .batch import Batch
+from .cli import output_file_problem, write_output
 from .config import ConfigError, ExperimentConfig, build
 from .learner import Learner, LearnerConfig
 from .tokenizer import CharTokenizer
@@ -55,6 +57,7 @@ def _weights_for(run: Path, cfg: ExperimentConfig, version: int) -> Path:
             "weights that sampled the step: use checkpoint.every=1 and a larger "
             "checkpoint.keep_last for runs you want to replay"
         )
+    ckpt.verify(path.parent)  # damaged weights would be replayed as a huge "mismatch"
     return path
 
 
@@ -184,6 +187,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     """The `keeprl replay RUN_DIR --step N [--json OUT]` handler."""
+    problem = output_file_problem(args.json)
+    if problem:
+        print(f"keeprl replay: --json: {problem}", file=sys.stderr)
+        return 2
     try:
         report = replay(args.run_dir, args.step, verifier=args.verifier, top=args.top)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -191,6 +198,6 @@ def main(args: Any) -> int:
         return 2
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_output(args.json, json.dumps(report, indent=1))
         print(f"\nreport written to {args.json}")
     return 0

@@ -6,6 +6,11 @@ and `<run>/metrics.committed` records the last step sent. On resume from a check
 c, pending lines for steps <= c that a crash kept from MLflow are sent, and lines for steps
 > c are dropped: those steps run again. So MLflow holds each step exactly once, at the cost of
 lagging the live run by up to one checkpoint interval (the pending file is live).
+
+When a resume has to fall back past committed steps (the newest checkpoints were damaged),
+those steps run again; MLflow cannot delete metric points, so the run continues in a new
+MLflow run that holds the old one's params and its metrics up to the checkpoint, tagged
+`keeprl.resumed_from_run`; the old run is marked FAILED and tagged `keeprl.superseded_by`.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+from .faults import crash_point
 
 STORE_FILE = "mlflow.db"  # the default local store, in the run directory
 RUN_ID_FILE = "mlflow_run_id"
@@ -29,7 +37,8 @@ class Tracker:
     """One MLflow run per experiment directory (the run id is kept in `<run>/mlflow_run_id`).
 
     uri None logs to `sqlite:///<run>/mlflow.db` with artifacts under `<run>/mlartifacts`
-    (`mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db` shows it).
+    (`mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db` shows it). run_name None names
+    the MLflow run after the run directory.
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class Tracker:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pending = self.dir / "metrics.pending.jsonl"
         self.committed_file = self.dir / "metrics.committed"
+        self.sending_file = self.dir / "metrics.sending"
         # A client, not mlflow's module-level "active run", so several trackers (and the
         # user's own MLflow use) can share a process. Default: a local SQLite store in the
         # run directory (MLflow's file store is frozen).
@@ -63,8 +73,9 @@ class Tracker:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-            id_file.write_text(self.run_id)
+            name = run_name or self.dir.resolve().name
+            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+            _atomic_write(id_file, self.run_id)
 
     @property
     def committed(self) -> int:
@@ -91,8 +102,9 @@ class Tracker:
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Record a finished step (pending until commit)."""
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        row = {"step": step, "time": int(time.time() * 1000), "metrics": clean}
         with open(self.pending, "a") as f:
-            f.write(json.dumps({"step": step, "metrics": clean}) + "\n")
+            f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -100,16 +112,34 @@ class Tracker:
         return read_pending_rows(self.pending)
 
     def commit(self, step: int) -> None:
-        """A checkpoint covering `step` exists: send pending metrics up to it to MLflow."""
+        """A checkpoint covering `step` exists: send pending metrics up to it to MLflow.
+
+        `<run>/metrics.sending` marks a send in flight. A crash inside it (MLflow has taken
+        some or all of the batch, metrics.committed does not say so) leaves the mark, and the
+        next commit sends only the (metric, step) points MLflow does not hold yet.
+        """
         from mlflow.entities import Metric
 
         done = self.committed
         pending = self._pending()
         rows = [r for r in pending if done < r["step"] <= step]
-        metrics = [Metric(k, v, 0, r["step"]) for r in rows for k, v in r["metrics"].items()]
+        metrics = [
+            Metric(k, v, r.get("time", 0), r["step"]) for r in rows for k, v in r["metrics"].items()
+        ]
+        if self.sending_file.exists():
+            held = {
+                (key, m.step)
+                for key in {m.key for m in metrics}
+                for m in self.client.get_metric_history(self.run_id, key)
+                if done < m.step <= step
+            }
+            metrics = [m for m in metrics if (m.key, m.step) not in held]
+        _atomic_write(self.sending_file, str(step))
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        crash_point("mlflow_sent", step)
         _atomic_write(self.committed_file, str(step))
+        self.sending_file.unlink()
         keep = [r for r in pending if r["step"] > step]
         _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
 
@@ -117,14 +147,48 @@ class Tracker:
         """Reconcile after a restart from the checkpoint of `checkpoint_step` (-1: none)."""
         if checkpoint_step > self.committed:
             self.commit(checkpoint_step)
+        else:
+            if checkpoint_step < self.committed:
+                self._supersede(checkpoint_step)
+            self.sending_file.unlink(missing_ok=True)  # nothing of it is left to send
         keep = [r for r in self._pending() if r["step"] <= checkpoint_step]
         _atomic_write(self.pending, "".join(json.dumps(r) + "\n" for r in keep))
 
+    def _supersede(self, step: int) -> None:
+        """Continue in a new MLflow run holding the old one's params and metrics up to `step`
+        (see the module docstring)."""
+        from mlflow.entities import Metric, Param
+
+        old = self.client.get_run(self.run_id)
+        new_id = self.client.create_run(
+            old.info.experiment_id,
+            run_name=old.info.run_name,
+            tags={"keeprl.resumed_from_run": self.run_id, "keeprl.resumed_from_step": str(step)},
+        ).info.run_id
+        params = [Param(k, v) for k, v in old.data.params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(new_id, params=params[i : i + 100])
+        metrics = [
+            Metric(key, m.value, m.timestamp, m.step)
+            for key in old.data.metrics
+            for m in self.client.get_metric_history(self.run_id, key)
+            if m.step <= step
+        ]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(new_id, metrics=metrics[i : i + 1000])
+        self.client.set_tag(self.run_id, "keeprl.superseded_by", new_id)
+        self.client.set_terminated(self.run_id, status="FAILED")
+        _atomic_write(self.dir / RUN_ID_FILE, new_id)
+        _atomic_write(self.committed_file, str(step))
+        self.run_id = new_id
+
     def history(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) of a metric as MLflow holds it."""
-        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        """(step, value) of a metric as MLflow holds it, in step order."""
+        points = self.client.get_metric_history(self.run_id, key)
+        return sorted((m.step, m.value) for m in points)
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run as FINISHED, FAILED or KILLED (Ctrl-C)."""
         self.client.set_terminated(self.run_id, status=status)
 
 

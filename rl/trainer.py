@@ -9,12 +9,14 @@ step; resuming deletes rollouts logged after it and keeps MLflow to the committe
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,16 @@ import torch
 import yaml
 
 import rewards as rewards_pkg
-from policy import Transformer, load_pretrained, preset, save_pretrained
+from policy import ModelArgs, Transformer, load_pretrained, preset, save_pretrained
 from rewards.worker import remote_worker
 from rollout import Sampling
 from rollout.store import RolloutStore
 
 from . import checkpoint as ckpt
+from . import run_dir
 from .batch import Batch
-from .config import ConfigError, ExperimentConfig, to_dict
+from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
+from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
 from .loss import LossConfig
 from .tasks import TaskStream
@@ -119,26 +123,70 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path
     return path
 
 
-def _prepare_run_dir(cfg: ExperimentConfig, resume: bool) -> Path:
-    run = Path(cfg.trainer.output_dir)
-    resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    cfg_file = run / "config.yaml"
-    if ckpt.latest(run) is not None and not resume:
-        raise ConfigError(
-            f"{run} already holds checkpoints: pass --resume to continue it, or "
-            "set trainer.output_dir to a new directory"
-        )
-    if resume and cfg_file.exists():
+def preflight(cfg: ExperimentConfig) -> None:
+    """Config problems that need more than the config itself (the data, the model, the
+    learner's settings), found before anything is written or started: ConfigError."""
+    try:
+        TaskStream(cfg.data.task, cfg.data.path, cfg.data.seed, cfg.data.task_kwargs).take(1)
+    except FileNotFoundError:
+        raise ConfigError(f"data.path: {cfg.data.path}: no such file") from None
+    except (OSError, TypeError, ValueError) as e:
+        key = "data.task_kwargs" if isinstance(e, TypeError) else "data"
+        raise ConfigError(f"{key}: {e}") from None
+    if cfg.model.checkpoint:
+        path = Path(cfg.model.checkpoint).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.checkpoint: {path} holds no config.json")
+    else:
+        try:
+            preset(cfg.model.preset, **cfg.model.overrides)
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+        except TypeError as e:
+            names = [f.name for f in fields(ModelArgs)]
+            bad = [k for k in cfg.model.overrides if k not in names]
+            if not bad:
+                raise ConfigError(f"model.overrides: {e}") from None
+            close = difflib.get_close_matches(bad[0], names, n=1, cutoff=0.5)
+            hint = f"; did you mean 'model.overrides.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown model field 'model.overrides.{bad[0]}'{hint}") from None
+        except ValueError as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+    try:
+        learner_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+
+
+def _config_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in _config_diff(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        ]
+    return [] if old == new else [path]
+
+
+def _check_resume(cfg: ExperimentConfig, cfg_file: Path) -> None:
+    """ConfigError unless the config equals the run's own (total_steps may change)."""
+    try:
         old = yaml.safe_load(cfg_file.read_text())
-        old["trainer"]["total_steps"] = cfg.trainer.total_steps  # extending a run is fine
-        if old != to_dict(cfg):
-            raise ConfigError(
-                f"--resume: the config differs from {cfg_file}; resume with the "
-                "same config (only trainer.total_steps may change)"
-            )
-    run.mkdir(parents=True, exist_ok=True)
-    cfg_file.write_text(resolved)
-    return run
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume: cannot read {cfg_file}: {e}".splitlines()[0]) from None
+    keys = [k for k in _config_diff(old, to_dict(cfg)) if k != "trainer.total_steps"]
+    if keys:
+        shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        why = (
+            " (a run directory cannot be moved: MLflow's store records its path)"
+            if "trainer.output_dir" in keys
+            else ""
+        )
+        raise ConfigError(
+            f"--resume: the config differs from {cfg_file} at {shown}{why}; resume with the "
+            "same config (only trainer.total_steps may change)"
+        )
 
 
 def _seed(cfg: ExperimentConfig, step: int) -> int:
@@ -146,14 +194,20 @@ def _seed(cfg: ExperimentConfig, step: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _reward_stats(scores: list[dict], lengths: list[int]) -> dict[str, float]:
+def _reward_stats(scores: list[dict], lengths: list[int], labels: list[str]) -> dict[str, float]:
+    """Step metrics of the scores. Accuracy is per verifier: `accuracy/<label>` is the
+    fraction of the samples that verifier applied to where its own reward reached 1.0;
+    `accuracy` is the first verifier's (a weighted second verifier no longer pulls it to 0)."""
     rewards = [s["reward"] for s in scores]
     out = {
         "reward_mean": sum(rewards) / len(rewards),
-        "accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
         "response_length": sum(lengths) / len(lengths),
         "verifier_failures": sum(s["failure"] is not None for s in scores) / len(scores),
     }
+    for label in labels:
+        own = [s["subscores"][label] for s in scores if s["subscores"].get(label) is not None]
+        out[f"accuracy/{label}"] = sum(r >= 1.0 for r in own) / len(own) if own else 0.0
+    out["accuracy"] = out[f"accuracy/{labels[0]}"]
     keys = {k for s in scores for k in s["subscores"]}
     for k in sorted(keys):
         vals = [s["subscores"][k] for s in scores if s["subscores"].get(k) is not None]
@@ -162,16 +216,56 @@ def _reward_stats(scores: list[dict], lengths: list[int]) -> dict[str, float]:
     return out
 
 
-def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
-    """Run (or resume) the experiment; returns the run directory."""
+def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run (or resume) the experiment; returns the run directory. Every refusal (ConfigError,
+    RunDirError) comes before anything is written."""
+    preflight(cfg)
+    run = Path(cfg.trainer.output_dir)
+    run_dir.check_start(run, resume=resume, overwrite=overwrite)
+    with run_dir.RunLock(run):
+        run_dir.check_start(run, resume=resume, overwrite=overwrite)  # now it counts
+        cfg_file = run / run_dir.CONFIG_FILE
+        state, learner_state, last = ckpt.RunState(-1, 0, 0, {}), None, None
+        if resume:
+            _check_resume(cfg, cfg_file)
+            last, skipped = ckpt.latest_intact(run)
+            for reason in skipped:
+                log.warning("--resume: skipping a damaged checkpoint: %s", reason)
+            if last is not None:
+                state, learner_state = ckpt.load_state(last)
+                log.info("--resume: continuing after step %d (%s)", state.step + 1, last.name)
+            elif skipped:
+                log.warning("--resume: no intact checkpoint left; starting over from step 1")
+            if state.step + 1 > cfg.trainer.total_steps:
+                raise ConfigError(
+                    f"--resume: trainer.total_steps={cfg.trainer.total_steps}, but the run has "
+                    f"completed {state.step + 1} steps; raise it to extend the run"
+                )
+        elif overwrite:
+            run_dir.clear(run)
+        if state.step + 1 == cfg.trainer.total_steps:
+            print(f"keeprl train: {run} has completed all {state.step + 1} steps; nothing to do")
+            return run
+        cfg_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ckpt.clean_temp(run)
+        _train(cfg, run, state, learner_state, last)
+    return run
+
+
+def _train(
+    cfg: ExperimentConfig,
+    run: Path,
+    state: ckpt.RunState,
+    learner_state: dict | None,
+    last: Path | None,
+) -> None:
+    """The loop, in a run directory this process holds the lock of."""
     import ray
 
-    run = _prepare_run_dir(cfg, resume)
     tok = CharTokenizer()
-    last = ckpt.latest(run) if resume else None
-    state, learner_state = ckpt.load_state(last) if last else (ckpt.RunState(-1, 0, 0, {}), None)
     policy_dir = last / "policy" if last else initial_policy(cfg, run, tok)
     started_ray = not ray.is_initialized()
+    mark_process_group()
     if started_ray:
         ray.init(
             address=cfg.ray.address,
@@ -191,7 +285,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     tracker.resume(state.step)
     if state.step < 0:
         tracker.log_params(to_dict(cfg))
-    pool = None
+    pool, status = None, "FAILED"
     try:
         learner, pool, scorer = _actors(cfg, policy_dir, learner_state, state.weight_version)
         stream = TaskStream(
@@ -203,13 +297,14 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         )
         for step in range(state.step + 1, cfg.trainer.total_steps):
             metrics = _step(cfg, step, tok, stream, pool, scorer, learner, store)
+            crash_point("rollouts_stored", step)
             tracker.log_step(step, metrics)
+            crash_point("metrics_pending", step)
             _progress(step, cfg.trainer.total_steps, metrics)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.trainer.total_steps:
                 run_state = ckpt.RunState(step, stream.position, step + 1, {})
-                ray.get(
-                    learner.save_checkpoint.remote(str(run), run_state, cfg.checkpoint.keep_last)
-                )
+                _checkpoint(learner, run, run_state, cfg.checkpoint.keep_last)
+                crash_point("checkpoint_written", step)
                 tracker.commit(step)
         tracker.log_artifact(run / "config.yaml")
         tracker.log_artifact(store.directory, "rollouts")
@@ -219,13 +314,67 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             tracker.log_artifact(plot_run(run, history=tracker.history), "plots")
         except Exception as e:
             log.warning("could not plot the run's curves: %s", e)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        tracker.close()
+        try:
+            tracker.close(status)
+        except Exception as e:  # e.g. a full disk: the run's own error is the one to show
+            log.warning("could not mark the MLflow run %s: %s", status, e)
         if pool is not None:
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    return run
+
+
+class RewardService:
+    """The reward worker actor, replaced when it dies.
+
+    Verifiers run in killable worker processes inside the actor (`rewards.workers` of them,
+    isolation="process"), so a verifier that hangs is killed at `rewards.timeout_s` and one
+    that exits the process (os._exit, a segfault) costs only its sample. Should the actor
+    itself die all the same, its batch is scored 0 with the failure recorded and a new actor
+    takes the next batch, as a dead rollout worker is replaced.
+    """
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.cfg = cfg
+        self.labels = [p.label for p in rewards_pkg.from_config(cfg.verifiers).parts]
+        self.actor = self._start()
+
+    def _start(self) -> Any:
+        return remote_worker(
+            self.cfg.verifiers,
+            num_cpus=0,
+            timeout_s=self.cfg.timeout_s,
+            max_concurrency=self.cfg.workers or os.cpu_count() or 1,
+            isolation="process",
+        )
+
+    def score(self, samples: list[rewards_pkg.Sample]) -> list[dict]:
+        import ray
+
+        try:
+            return ray.get(self.actor.score.remote(samples))
+        except ray.exceptions.RayActorError as e:
+            reason = f"reward worker died: {str(e).splitlines()[0]}"
+            log.warning("%s; its %d samples score 0; starting a new one", reason, len(samples))
+            self.actor = self._start()
+            return [{"reward": 0.0, "subscores": {}, "failure": reason} for _ in samples]
+
+
+def _checkpoint(learner: Any, run: Path, state: ckpt.RunState, keep_last: int) -> None:
+    """Have the learner actor write the checkpoint of `state.step`."""
+    import ray
+
+    try:
+        ray.get(learner.save_checkpoint.remote(str(run), state, keep_last))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ckpt.CheckpointError):
+            raise e.cause from None  # one line (a full disk, say), not Ray's traceback
+        raise
 
 
 def _actors(
@@ -251,8 +400,7 @@ def _actors(
     )
     if version:
         pool.update_weights(str(policy_dir), version)
-    scorer = remote_worker(cfg.rewards.verifiers, num_cpus=0, timeout_s=cfg.rewards.timeout_s)
-    return learner, pool, scorer
+    return learner, pool, RewardService(cfg.rewards)
 
 
 def _step(
@@ -295,7 +443,7 @@ def _step(
         )
         for t in trajs
     ]
-    scores = ray.get(scorer.score.remote(samples))
+    scores = scorer.score(samples)
     rewards = [s["reward"] for s in scores]
     groups = [step * cfg.data.prompts_per_step + t.prompt_index for t in trajs]
     batch = Batch.from_trajectories(trajs, rewards, groups)
@@ -325,7 +473,7 @@ def _step(
     generated = sum(len(t.response_ids) for t in trajs)
     return {
         **metrics,
-        **_reward_stats(scores, [len(t.response_ids) for t in trajs]),
+        **_reward_stats(scores, [len(t.response_ids) for t in trajs], scorer.labels),
         "rollout_tokens_per_s": generated / rollout_s,
         "weight_version": step + 1,
     }
@@ -337,6 +485,8 @@ def _progress(step: int, total: int, m: dict[str, float]) -> None:
         f"acc {m['accuracy']:.2f}  kl {m.get('kl', 0.0):.4f}  "
         f"gap {m['logp_gap_max']:.2e}  rollout {m['rollout_tokens_per_s']:.0f} tok/s"
     )
+    if m["verifier_failures"] > 0:  # else "reward 0.000" would hide that nothing was scored
+        line += f"  verifier failed on {m['verifier_failures']:.0%}"
     if sys.stdout.isatty():
         print("\r" + line, end="\n" if step + 1 == total else "", flush=True)
     else:
@@ -344,7 +494,7 @@ def _progress(step: int, total: int, m: dict[str, float]) -> None:
 
 
 def main(args: Any) -> int:
-    """The `keeprl train CONFIG [key=value ...] [--resume]` handler."""
+    """The `keeprl train CONFIG [key=value ...] [--resume | --overwrite]` handler."""
     from .config import load_config
 
     try:
@@ -354,10 +504,23 @@ def main(args: Any) -> int:
             if args.print_config
             else f"keeprl train: {args.config} -> {cfg.trainer.output_dir}"
         )
-        run = train(cfg, resume=args.resume)
+        run = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"keeprl train: config error: {e}", file=sys.stderr)
         return 2
+    except run_dir.RunDirError as e:
+        print(f"keeprl train: {e}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as e:
+        print(f"keeprl train: {e}; resume with --resume once that is fixed", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\nkeeprl train: interrupted; `--resume` continues {cfg.trainer.output_dir} from "
+            "its last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     print(f"run directory: {run}")
     if (run / "curves.png").exists():
         print(f"reward and KL curves: {run / 'curves.png'}")

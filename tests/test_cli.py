@@ -43,3 +43,19 @@ def test_installed_console_script_runs() -> None:
     assert "demo" in done.stdout
     done = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["replay", "inspect", "plot"])
+def test_an_unwritable_output_path_is_refused_before_the_work(tmp_path, capsys, command):
+    (tmp_path / "file").write_text("")
+    flag = "--out" if command == "plot" else "--json"
+    step = [] if command == "plot" else ["--step", "0"]
+    for out, why in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "file" / "report.json", "file is not a directory"),
+        (tmp_path / "file" / "sub" / "report.json", "file is not a directory"),
+    ]:
+        # The run directory does not exist either: the output path is checked first.
+        assert cli.main([command, str(tmp_path / "no-run"), *step, flag, str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{flag}: " in err and why in err, err

@@ -71,3 +71,13 @@ def blocks_until_released(sample):
     BLOCKED.append(threading.current_thread())
     RELEASE.wait()
     return 1.0
+
+
+def kills_its_process_on_odd_lengths(sample):
+    """Ends the whole process on responses of odd length, as a crashing native extension
+    would (os._exit skips everything Python does on the way out); 1.0 on the others."""
+    import os
+
+    if len(sample.response) % 2:
+        os._exit(1)
+    return 1.0

@@ -19,7 +19,7 @@ def importable_examples(monkeypatch):
 
 def load_config():
     with open(YAML_PATH) as f:
-        return yaml.safe_load(f)["rewards"]
+        return yaml.safe_load(f)["rewards"]["verifiers"]
 
 
 def test_yaml_config_combines_math_and_the_custom_verifier():

@@ -63,6 +63,13 @@ def test_loads_with_overrides(tmp_path):
         (["rollout.samples_per_prompt=1"], r"samples_per_prompt must be >= 2"),
         (["data.path=tasks.jsonl"], r"set exactly one of data\.task .* or data\.path"),
         (["trainer.total_steps"], r"expected key\.sub=value"),
+        (["checkpoint.keep_last=-1"], r"checkpoint\.keep_last must be >= 0 .*0 keeps all"),
+        (["optim.micro_batch_tokens=0"], r"optim\.micro_batch_tokens must be >= 1, got 0"),
+        (["rollout.sampling.max_tokens=0"], r"rollout\.sampling\.max_tokens must be >= 1"),
+        (["rollout.sampling.temperature=-1"], r"rollout\.sampling\.temperature must be >= 0"),
+        (["rollout.sampling.top_p=0"], r"rollout\.sampling\.top_p must be in \(0, 1\]"),
+        (["rewards.timeout_s=0"], r"rewards\.timeout_s must be > 0 seconds, got 0"),
+        (["rewards.workers=-1"], r"rewards\.workers must be >= 0 \(0: one per CPU core\)"),
     ],
 )
 def test_errors_are_one_line_and_name_the_fix(tmp_path, overrides, message):
@@ -72,10 +79,16 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, overrides, message):
 
 
 def test_bad_yaml_file(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config"):
-        load_config(_write(tmp_path, "model: [unclosed"))
+    with pytest.raises(ConfigError, match="YAML syntax error at line 2, column 1"):
+        load_config(_write(tmp_path, "model: [unclosed\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read config: No such file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="the config file is empty"):
+        load_config(_write(tmp_path, "# nothing but a comment\n"))
+    with pytest.raises(ConfigError, match="put the verifier list under rewards.verifiers"):
+        load_config(_write(tmp_path, "rewards:\n  - {name: math}\n"))
 
 
 def test_shipped_configs_load():

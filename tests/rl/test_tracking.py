@@ -36,3 +36,60 @@ def test_resume_sends_what_a_crash_kept_pending(tmp_path):
     t.resume(2)
     assert [s for s, _ in t.history("loss")] == [0, 1, 2] and t.committed == 2
     t.close()
+
+
+def test_falling_back_past_committed_steps_continues_in_a_new_mlflow_run(tmp_path):
+    t = Tracker(tmp_path, experiment="t")
+    t.log_params({"seed": 1})
+    for step in range(6):
+        t.log_step(step, {"reward": step / 10})
+    t.commit(5)  # checkpoints at 3 and 5 written, metrics through 5 in MLflow
+    old_id = t.run_id
+    t.close("FAILED")
+    # Resume: the checkpoint of step 5 is damaged; the intact one is step 3.
+    t = Tracker(tmp_path, experiment="t")
+    t.resume(3)
+    assert t.run_id != old_id and t.committed == 3
+    assert [s for s, _ in t.history("reward")] == [0, 1, 2, 3]
+    for step in (4, 5):
+        t.log_step(step, {"reward": 1.0})
+    t.commit(5)
+    assert t.history("reward") == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3), (4, 1.0), (5, 1.0)]
+    run = t.client.get_run(t.run_id)
+    assert run.data.params == {"seed": "1"}
+    assert run.data.tags["keeprl.resumed_from_run"] == old_id
+    old = t.client.get_run(old_id)
+    assert old.info.status == "FAILED" and old.data.tags["keeprl.superseded_by"] == t.run_id
+    t.close()
+    assert Tracker(tmp_path, experiment="t").run_id == run.info.run_id  # the id file moved on
+
+
+def test_run_name_and_metric_timestamps(tmp_path):
+    run = tmp_path / "my-run"
+    t = Tracker(run, experiment="t")
+    t.log_step(0, {"reward": 0.5})
+    t.commit(0)
+    info = t.client.get_run(t.run_id)
+    assert info.info.run_name == "my-run"
+    [point] = t.client.get_metric_history(t.run_id, "reward")
+    assert point.timestamp >= info.info.start_time - 1000  # wall-clock ms, not 0
+    t.close("KILLED")
+    assert t.client.get_run(t.run_id).info.status == "KILLED"
+
+
+def test_a_crash_inside_a_send_duplicates_nothing(tmp_path):
+    from mlflow.entities import Metric
+
+    t = Tracker(tmp_path, experiment="t")
+    for step in range(4):
+        t.log_step(step, {"a": float(step), "b": -float(step)})
+    t.commit(1)
+    # Killed while sending steps 2-3: MLflow took metric "a" of both, nothing recorded that.
+    t.sending_file.write_text("3")
+    t.client.log_batch(t.run_id, metrics=[Metric("a", 2.0, 0, 2), Metric("a", 3.0, 0, 3)])
+    t = Tracker(tmp_path, experiment="t")
+    t.resume(3)
+    assert [s for s, _ in t.history("a")] == [0, 1, 2, 3]
+    assert [s for s, _ in t.history("b")] == [0, 1, 2, 3]
+    assert t.committed == 3 and not t.sending_file.exists()
+    t.close()

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+import pytest
 
 from rl import checkpoint as ckpt
 from rl.cli import main as cli
 from rl.config import load_config
-from rl.tracking import Tracker
+from rl.run_dir import RunLock
+from rl.tokenizer import CharTokenizer
+from rl.tracking import RUN_ID_FILE, Tracker, local_store_uri
 from rollout import RolloutStore
 
 CONFIG = "configs/native-sparse.yaml"
+TOK = CharTokenizer()
 
 
 def _overrides(run, cache, steps):
@@ -103,12 +111,118 @@ def test_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path, monkey
     _assert_run(run, 6)
 
 
+def test_resume_refusals_and_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert cli(["train", CONFIG, *_overrides(run, cache, 3)]) == 0
+    capsys.readouterr()
+    config_text = (run / "config.yaml").read_text()
+    assert cli(["train", CONFIG, *_overrides(run, cache, 3), "--resume"]) == 0
+    assert "has completed all 3 steps; nothing to do" in capsys.readouterr().out
+    assert cli(["train", CONFIG, *_overrides(run, cache, 2), "--resume"]) == 2
+    assert "trainer.total_steps=2, but the run has completed 3 steps" in capsys.readouterr().err
+    assert cli(["train", CONFIG, *_overrides(run, cache, 4), "trainer.seed=5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"differs from {run / 'config.yaml'} at trainer.seed;" in err and err.count("\n") == 1
+    assert (run / "config.yaml").read_text() == config_text
+    # The newest checkpoint's weights are damaged: resume falls back to the one before (step
+    # 1), runs steps 2-3 again, and MLflow, Parquet and the checkpoints hold each step once.
+    weights = next((run / "checkpoints" / "step_000002" / "policy").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert cli(["train", CONFIG, *_overrides(run, cache, 4), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping a damaged checkpoint" in err and "step_000002" in err
+    assert "continuing after step 2 (step_000001)" in err
+    _assert_run(run, 4)
+    for path in (run / "checkpoints").iterdir():
+        ckpt.verify(path)
+
+
 def test_config_errors_are_one_line(capsys, tmp_path):
     assert cli(["train", CONFIG, "trainer.totl_steps=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "did you mean 'trainer.total_steps'" in err
     assert cli(["train", CONFIG, "rewards.verifiers=[{name: nosuch_mod:score}]"]) == 2
     assert "cannot import 'nosuch_mod'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.task=null", "data.path=/nonexistent/tasks.jsonl"], "data.path: .* no such file"),
+        (["data.task=arithmetc"], "data: unknown task 'arithmetc'"),
+        (["data.task_kwargs={max_operan: 9}"], "data.task_kwargs: .*'max_operan'"),
+        (["model.preset=tinny"], "model.preset: unknown preset 'tinny'"),
+        (
+            ["model.overrides={index_topk: 4, vocab_sise: 128}"],
+            r"unknown model field 'model\.overrides\.vocab_sise'; did you mean "
+            r"'model\.overrides\.vocab_size'",
+        ),
+        (["model.checkpoint=/nonexistent"], "model.checkpoint: /nonexistent holds no config"),
+        (["optim.micro_batch_tokens=0"], "optim.micro_batch_tokens must be >= 1"),
+        (["optim.lr_schedule=cosine", "optim.warmup_steps=100000"], "optim: .*cosine"),
+        (["rollout.sampling.max_tokens=0"], "rollout.sampling.max_tokens must be >= 1"),
+        (["rollout.sampling.temperature=-1"], "rollout.sampling.temperature must be >= 0"),
+        (["rewards.timeout_s=0"], "rewards.timeout_s must be > 0"),
+        (["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 0"),
+    ],
+)
+def test_config_mistakes_stop_before_anything_is_written(tmp_path, capsys, overrides, message):
+    run = tmp_path / "run"
+    assert cli(["train", CONFIG, f"trainer.output_dir={run}", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
+    assert not run.exists()
+
+
+def test_unusable_output_directories_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out, message in [
+        (tmp_path / "file", "is a file, not a directory"),
+        (tmp_path / "file" / "run", "which is a file"),
+        ("/proc/keeprl-run", "/proc/keeprl-run"),
+    ]:
+        assert cli(["train", CONFIG, f"trainer.output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+def test_a_run_directory_in_use_or_not_empty_is_refused_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    with RunLock(run):  # a live run owns it
+        assert cli(["train", CONFIG, f"trainer.output_dir={run}"]) == 2
+        assert "in use by another keeprl train" in capsys.readouterr().err
+    (run / "config.yaml").write_text("earlier: run\n")
+    (run / "rollouts").mkdir()
+    assert cli(["train", CONFIG, f"trainer.output_dir={run}"]) == 2
+    assert "is not empty (config.yaml, rollouts): pass --resume" in capsys.readouterr().err
+    assert cli(["train", CONFIG, f"trainer.output_dir={tmp_path / 'none'}", "--resume"]) == 2
+    assert "does not exist, so there is no run to continue" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == "earlier: run\n"
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_verifier_that_kills_its_process_costs_only_its_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    helpers = os.path.join(os.path.dirname(os.path.dirname(__file__)), "rewards")
+    monkeypatch.syspath_prepend(helpers)  # here, and in Ray's processes:
+    monkeypatch.setenv("PYTHONPATH", helpers + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = tmp_path / "run"
+    verifier = "rewards.verifiers=[{name: rewards_test_verifiers:kills_its_process_on_odd_lengths}]"
+    assert cli(["train", CONFIG, *_overrides(run, tmp_path / "cache", 2), verifier]) == 0
+    outcomes = []
+    for step in (0, 1):
+        logged = RolloutStore(run / "rollouts").read_step(step)
+        for t, reward, failure in zip(
+            logged.trajectories, logged.rewards, logged.failures, strict=True
+        ):
+            odd = len(TOK.decode(t.response_ids)) % 2
+            assert (reward, failure is not None) == ((0.0, True) if odd else (1.0, False))
+            assert not odd or "worker died" in failure
+            outcomes.append(odd)
+    assert 0 < sum(outcomes) < len(outcomes)  # both kinds of sample were scored
 
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -128,7 +242,11 @@ def test_vllm_run_replays_with_a_small_gap(tmp_path, monkeypatch):
         "data.prompts_per_step=4",
         "rollout.samples_per_prompt=4",
     ]
+    temp = Path(tempfile.gettempdir())
+    before = {p.name for p in temp.iterdir() if p.name.startswith(("keeprl-vllm-", "vllm_dist_"))}
     assert cli(["train", QUICKSTART, *overrides]) == 0
+    after = {p.name for p in temp.iterdir() if p.name.startswith(("keeprl-vllm-", "vllm_dist_"))}
+    assert after <= before  # the engines removed their files from the temp dir
     store = RolloutStore(run / "rollouts")
     logged = store.read_step(1)
     assert {t.engine for t in logged.trajectories} == {"vllm"}
@@ -140,3 +258,106 @@ def test_vllm_run_replays_with_a_small_gap(tmp_path, monkeypatch):
     print(f"\nvLLM replay: {json.dumps(variants)}")
     assert 0 < both["gap_mean"] < 0.02 and both["gap_max"] < 0.15
     assert variants["neither"]["gap_mean"] > 5 * both["gap_mean"]  # the mask matters
+
+
+def test_accuracy_is_per_verifier_and_failures_show_in_the_progress_line(capsys):
+    from rl.trainer import _progress, _reward_stats
+
+    # math (weight 1) and a concise-answer check (weight 0.2): a right answer that is not
+    # concise has combined reward 1/1.2 < 1, which used to count as wrong.
+    scores = [
+        {"reward": 1.0 / 1.2, "subscores": {"math": 1.0, "concise": 0.0}, "failure": None},
+        {"reward": 0.2 / 1.2, "subscores": {"math": 0.0, "concise": 1.0}, "failure": None},
+        {"reward": 0.0, "subscores": {"math": 0.0}, "failure": "math: timeout"},  # no concise
+    ]
+    stats = _reward_stats(scores, [3, 4, 5], ["math", "concise"])
+    assert stats["accuracy/math"] == stats["accuracy"] == pytest.approx(1 / 3)
+    assert stats["accuracy/concise"] == 0.5  # it applied to two samples
+    assert stats["verifier_failures"] == pytest.approx(1 / 3)
+    stats.update(logp_gap_max=0.0, rollout_tokens_per_s=1.0)
+    _progress(0, 2, stats)
+    assert "verifier failed on 33%" in capsys.readouterr().out
+    stats["verifier_failures"] = 0.0
+    _progress(0, 2, stats)
+    assert "failed" not in capsys.readouterr().out
+
+
+def test_the_custom_verifier_example_trains_as_documented(tmp_path):
+    """`keeprl train examples/custom_verifier/experiment.yaml` from the repository root, with
+    the installed console script (whose sys.path lacks the root) and the verifier running in
+    the reward worker's processes: the plug-in resolves against the directory keeprl runs in."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(os.path.dirname(sys.executable), "keeprl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = tmp_path / "run"
+    args = [
+        script,
+        "train",
+        "examples/custom_verifier/experiment.yaml",
+        f"trainer.output_dir={run}",
+        "trainer.total_steps=1",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "warm_start.steps=20",
+        "data.prompts_per_step=2",
+        "rollout.samples_per_prompt=4",
+    ]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = RolloutStore(run / "rollouts").read_step(0)
+    assert all(f is None for f in logged.failures), logged.failures
+    assert all({"math", "concise"} <= set(s) for s in logged.subscores)
+    tracker = Tracker(run)
+    assert [s for s, _ in tracker.history("accuracy/concise")] == [0]
+    tracker.close()
+
+
+def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "rl.cli", "train", CONFIG, *_overrides(run, tmp_path, 50)]
+    # A shell that starts this suite in the background ignores SIGINT for it, and Python then
+    # keeps ignoring it: give the trainer the default disposition, as a terminal's would be.
+    proc = subprocess.Popen(
+        args,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 240
+    while not (run / "rollouts" / "step_000001.parquet").exists():
+        assert proc.poll() is None and time.time() < deadline, "trainer did not get going"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; `--resume` continues" in err
+    from mlflow.tracking import MlflowClient
+
+    run_id = (run / RUN_ID_FILE).read_text().strip()
+    assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    from mlflow.tracking import MlflowClient
+
+    from rl import trainer
+
+    step = trainer._step
+
+    def fails_at_step_1(cfg, n, *args):
+        if n == 1:
+            raise RuntimeError("the learner ran out of memory")
+        return step(cfg, n, *args)
+
+    monkeypatch.setattr(trainer, "_step", fails_at_step_1)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train(load_config(CONFIG, _overrides(run, tmp_path / "cache", 3)))
+    run_id = (run / RUN_ID_FILE).read_text().strip()
+    assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "FAILED"
+    assert RolloutStore(run / "rollouts").steps() == [0]  # what was done stays
+    with RunLock(run):  # and the directory is free again
+        pass

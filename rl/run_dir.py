@@ -1,0 +1,153 @@
+"""A run directory: who owns it, and whether a new run may start in it.
+
+One live `keeprl train` owns a run directory at a time. Ownership is an exclusive `flock` on
+`<run>/.keeprl.lock`, held for the whole run: the kernel drops it when the process ends, by
+kill -9 too, so a crashed run never leaves the directory stuck, and a second train into the
+same directory is refused in one line before it writes anything. The lock file also records
+the owner's pid and host, to name it in that line. (flock is local to one machine on network
+filesystems that do not forward it; two hosts must not share an output directory.)
+
+`check_start` decides, before anything is written, whether a run may start: a new run needs an
+empty (or missing) directory, `--resume` needs a run to continue, and `--overwrite` deletes an
+earlier keeprl run (and only a keeprl run) to start over.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import IO
+
+LOCK_FILE = ".keeprl.lock"
+CONFIG_FILE = "config.yaml"
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; one line that names the fix."""
+
+
+class RunLock:
+    """An exclusive, crash-safe claim on a run directory (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, creating the directory if needed; RunDirError if another process
+        holds it."""
+        usable(self.dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # Held open for the run's life. Python opens files non-inheritable, so programs the
+            # run starts (Ray, vLLM) never hold the lock past it.
+            f = open(self.dir / LOCK_FILE, "a+")
+        except OSError as e:
+            raise RunDirError(f"trainer.output_dir {self.dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise
+            f.seek(0)
+            owner = f.read().strip()
+            f.close()
+            who = _describe(owner)
+            raise RunDirError(
+                f"{self.dir} is in use by another keeprl train{who}; wait for it to end or "
+                "set trainer.output_dir to another directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe(owner: str) -> str:
+    try:
+        info = json.loads(owner)
+        return f" (pid {info['pid']} on {info['host']})"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def usable(run_dir: Path) -> None:
+    """RunDirError unless `run_dir` is, or can become, a writable directory."""
+    probe = run_dir
+    while not probe.exists():  # the nearest existing ancestor decides
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == run_dir else f"is under {probe}, which is"
+        raise RunDirError(f"trainer.output_dir {run_dir} {what} a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"trainer.output_dir {run_dir}: {probe} is not writable")
+
+
+def contents(run_dir: Path) -> list[str]:
+    """The names a run directory holds, the lock file aside (sorted; [] if it is missing)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+
+
+def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """RunDirError unless a run may start in `run_dir` as asked (see the module docstring).
+    Call it before taking the lock (so a refused run creates nothing) and again once it is
+    held (the answer that counts)."""
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other: choose one")
+    held = contents(run_dir)
+    if resume:
+        if CONFIG_FILE not in held:
+            what = "does not exist" if not run_dir.exists() else f"holds no {CONFIG_FILE}"
+            raise RunDirError(
+                f"--resume: {run_dir} {what}, so there is no run to continue; "
+                "start it without --resume"
+            )
+        return
+    if not held:
+        return
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    if not overwrite:
+        raise RunDirError(
+            f"{run_dir} is not empty ({shown}): pass --resume to continue the run in it, "
+            "--overwrite to delete it and start over, or set trainer.output_dir to a new "
+            "directory"
+        )
+    if CONFIG_FILE not in held:
+        raise RunDirError(
+            f"--overwrite: {run_dir} holds files but no keeprl run (no {CONFIG_FILE}); "
+            "keeprl deletes only its own runs: choose another trainer.output_dir"
+        )
+
+
+def clear(run_dir: Path) -> None:
+    """Delete everything in `run_dir` but the lock file (--overwrite, under the lock)."""
+    for name in contents(run_dir):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
