@@ -10,6 +10,7 @@ step; resuming deletes rollouts logged after it and keeps MLflow to the committe
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -521,6 +522,16 @@ def main(args: Any) -> int:
             file=sys.stderr,
         )
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"keeprl train: {e.strerror}{where}; `--resume` continues from the last "
+            "checkpoint once there is room",
+            file=sys.stderr,
+        )
+        return 1
     print(f"run directory: {run}")
     if (run / "curves.png").exists():
         print(f"reward and KL curves: {run / 'curves.png'}")

@@ -61,3 +61,27 @@ def sampler():
 def policy() -> Transformer:
     torch.manual_seed(0)
     return Transformer(preset("tiny", vocab_size=64, index_topk=8))
+
+
+def _small_run(run, cache, steps) -> list[str]:
+    """Overrides of configs/native-sparse.yaml for a run of `steps` small steps (2 prompts x 4
+    samples of <= 4 tokens), a short warm-start cached in `cache`, a checkpoint every step."""
+    return [
+        f"trainer.output_dir={run}",
+        f"trainer.total_steps={steps}",
+        "checkpoint.every=1",
+        f"warm_start.cache_dir={cache}",
+        "warm_start.steps=20",
+        "warm_start.indexer_warmup.steps=10",
+        "warm_start.sparse_sft.steps=5",
+        "data.prompts_per_step=2",
+        "rollout.samples_per_prompt=4",
+        "rollout.sampling.max_tokens=4",
+        "ray.num_cpus=2",
+    ]
+
+
+@pytest.fixture
+def small_run():
+    """The small-run overrides above, as a fixture: small_run(run_dir, cache_dir, steps)."""
+    return _small_run

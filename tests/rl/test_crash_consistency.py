@@ -31,35 +31,18 @@ CONFIG = "configs/native-sparse.yaml"
 STEPS = 8
 
 
-def _args(run: Path, cache: Path, resume: bool) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "rl.cli",
-        "train",
-        CONFIG,
-        f"trainer.output_dir={run}",
-        f"trainer.total_steps={STEPS}",
-        "checkpoint.every=2",
-        "checkpoint.keep_last=0",
-        f"warm_start.cache_dir={cache}",
-        "warm_start.steps=20",
-        "warm_start.indexer_warmup.steps=10",
-        "warm_start.sparse_sft.steps=5",
-        "data.prompts_per_step=2",
-        "rollout.samples_per_prompt=4",
-        "rollout.sampling.max_tokens=4",
-        "ray.num_cpus=2",
-        *(["--resume"] if resume else []),
-    ]
+def _args(overrides: list[str], resume: bool) -> list[str]:
+    return [sys.executable, "-m", "rl.cli", "train", CONFIG, *overrides] + (
+        ["--resume"] if resume else []
+    )
 
 
-def _start(run: Path, cache: Path, crash: str | None, resume: bool = True) -> subprocess.Popen:
+def _start(overrides: list[str], crash: str | None, resume: bool = True) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in (ENV, PGID_ENV)}
     if crash:
         env[ENV] = crash
     return subprocess.Popen(
-        _args(run, cache, resume),
+        _args(overrides, resume),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -101,40 +84,46 @@ def _wait_for_owner(run: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def test_sigkill_anywhere_loses_and_duplicates_nothing(tmp_path):
-    run, cache = tmp_path / "run", tmp_path / "cache"
+def test_sigkill_anywhere_loses_and_duplicates_nothing(tmp_path, small_run):
+    run = tmp_path / "run"
+    # A checkpoint every 2 steps, all kept: kills land between checkpoints too.
+    cfg = [
+        *small_run(run, tmp_path / "cache", STEPS),
+        "checkpoint.every=2",
+        "checkpoint.keep_last=0",
+    ]
 
     # Two trains started at the same moment: one takes the directory, the other is refused in
     # one line before touching it (it used to crash creating mlflow.db and leave it broken).
-    first, second = (_start(run, cache, "metrics_pending@2", resume=False) for _ in range(2))
+    first, second = (_start(cfg, "metrics_pending@2", resume=False) for _ in range(2))
     outcomes = sorted([_finish(first), _finish(second)], key=lambda r: r[0], reverse=True)
     (code, err), (killed, _) = outcomes
     assert code == 2 and killed == -signal.SIGKILL, outcomes
     assert err.count("\n") == 1 and ("in use by another keeprl train" in err or "not empty" in err)
 
     # Killed inside the checkpoint write; meanwhile a second train is refused.
-    proc = _start(run, cache, "checkpoint@3")
+    proc = _start(cfg, "checkpoint@3")
     _wait_for_owner(run, proc)
-    code, err = _finish(_start(run, cache, None))
+    code, err = _finish(_start(cfg, None))
     assert code == 2 and "in use by another keeprl train" in err and err.count("\n") == 1
     _killed(proc)
     assert list((run / "checkpoints").glob(".tmp-*"))  # the torn write is there ...
     assert ckpt.latest(run).name == "step_000001"  # ... and invisible
 
     # Killed between a written checkpoint and its metrics reaching MLflow.
-    _killed(_start(run, cache, "checkpoint_written@3"))
+    _killed(_start(cfg, "checkpoint_written@3"))
     assert ckpt.latest(run).name == "step_000003" and _committed(run) == 1
 
     # Killed after MLflow took steps 4-5, before the run recorded that it had.
-    _killed(_start(run, cache, "mlflow_sent@5"))
+    _killed(_start(cfg, "mlflow_sent@5"))
     assert (run / "metrics.sending").exists() and _committed(run) == 3
 
     # Killed with step 6's rollouts stored and nothing else of it.
-    _killed(_start(run, cache, "rollouts_stored@6"))
+    _killed(_start(cfg, "rollouts_stored@6"))
     assert (run / "rollouts" / "step_000006.parquet").exists()
     assert ckpt.latest(run).name == "step_000005"
 
-    code, err = _finish(_start(run, cache, None))
+    code, err = _finish(_start(cfg, None))
     assert code == 0, err
 
     store = RolloutStore(run / "rollouts")

@@ -27,22 +27,6 @@ CONFIG = "configs/native-sparse.yaml"
 TOK = CharTokenizer()
 
 
-def _overrides(run, cache, steps):
-    return [
-        f"trainer.output_dir={run}",
-        f"trainer.total_steps={steps}",
-        "checkpoint.every=1",
-        f"warm_start.cache_dir={cache}",
-        "warm_start.steps=20",
-        "warm_start.indexer_warmup.steps=10",
-        "warm_start.sparse_sft.steps=5",
-        "data.prompts_per_step=2",
-        "rollout.samples_per_prompt=4",
-        "rollout.sampling.max_tokens=4",
-        "ray.num_cpus=2",
-    ]
-
-
 def _assert_run(run, steps):
     store = RolloutStore(run / "rollouts")
     assert store.steps() == list(range(steps))
@@ -60,12 +44,12 @@ def _assert_run(run, steps):
     assert ckpt.latest(run).name == f"step_{steps - 1:06d}"
 
 
-def test_train_writes_metrics_rollouts_and_checkpoints(tmp_path, monkeypatch):
+def test_train_writes_metrics_rollouts_and_checkpoints(tmp_path, monkeypatch, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     from rl.trainer import train
 
     run = tmp_path / "run"
-    train(load_config(CONFIG, _overrides(run, tmp_path / "cache", 3)))
+    train(load_config(CONFIG, small_run(run, tmp_path / "cache", 3)))
     _assert_run(run, 3)
     tracker = Tracker(run)
     gaps = [v for _, v in tracker.history("logp_gap_max")]
@@ -91,11 +75,11 @@ def test_train_writes_metrics_rollouts_and_checkpoints(tmp_path, monkeypatch):
     assert len(report["routing_disagreement_by_layer"]) == 1
 
 
-def test_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path, monkeypatch):
+def test_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path, monkeypatch, small_run):
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     monkeypatch.chdir(root)
     run, cache = tmp_path / "run", tmp_path / "cache"
-    args = [sys.executable, "-m", "rl.cli", "train", CONFIG, *_overrides(run, cache, 6)]
+    args = [sys.executable, "-m", "rl.cli", "train", CONFIG, *small_run(run, cache, 6)]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -107,21 +91,21 @@ def test_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path, monkey
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert cli(["train", CONFIG, *_overrides(run, cache, 6), "--resume"]) == 0
+    assert cli(["train", CONFIG, *small_run(run, cache, 6), "--resume"]) == 0
     _assert_run(run, 6)
 
 
-def test_resume_refusals_and_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+def test_resume_refusals_and_a_damaged_checkpoint(tmp_path, monkeypatch, capsys, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     run, cache = tmp_path / "run", tmp_path / "cache"
-    assert cli(["train", CONFIG, *_overrides(run, cache, 3)]) == 0
+    assert cli(["train", CONFIG, *small_run(run, cache, 3)]) == 0
     capsys.readouterr()
     config_text = (run / "config.yaml").read_text()
-    assert cli(["train", CONFIG, *_overrides(run, cache, 3), "--resume"]) == 0
+    assert cli(["train", CONFIG, *small_run(run, cache, 3), "--resume"]) == 0
     assert "has completed all 3 steps; nothing to do" in capsys.readouterr().out
-    assert cli(["train", CONFIG, *_overrides(run, cache, 2), "--resume"]) == 2
+    assert cli(["train", CONFIG, *small_run(run, cache, 2), "--resume"]) == 2
     assert "trainer.total_steps=2, but the run has completed 3 steps" in capsys.readouterr().err
-    assert cli(["train", CONFIG, *_overrides(run, cache, 4), "trainer.seed=5", "--resume"]) == 2
+    assert cli(["train", CONFIG, *small_run(run, cache, 4), "trainer.seed=5", "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"differs from {run / 'config.yaml'} at trainer.seed;" in err and err.count("\n") == 1
     assert (run / "config.yaml").read_text() == config_text
@@ -131,7 +115,7 @@ def test_resume_refusals_and_a_damaged_checkpoint(tmp_path, monkeypatch, capsys)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    assert cli(["train", CONFIG, *_overrides(run, cache, 4), "--resume"]) == 0
+    assert cli(["train", CONFIG, *small_run(run, cache, 4), "--resume"]) == 0
     err = capsys.readouterr().err
     assert "skipping a damaged checkpoint" in err and "step_000002" in err
     assert "continuing after step 2 (step_000001)" in err
@@ -204,14 +188,14 @@ def test_a_run_directory_in_use_or_not_empty_is_refused_untouched(tmp_path, caps
     assert not (tmp_path / "none").exists()
 
 
-def test_a_verifier_that_kills_its_process_costs_only_its_samples(tmp_path, monkeypatch):
+def test_a_verifier_that_kills_its_process_costs_only_its_samples(tmp_path, monkeypatch, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     helpers = os.path.join(os.path.dirname(os.path.dirname(__file__)), "rewards")
     monkeypatch.syspath_prepend(helpers)  # here, and in Ray's processes:
     monkeypatch.setenv("PYTHONPATH", helpers + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = tmp_path / "run"
     verifier = "rewards.verifiers=[{name: rewards_test_verifiers:kills_its_process_on_odd_lengths}]"
-    assert cli(["train", CONFIG, *_overrides(run, tmp_path / "cache", 2), verifier]) == 0
+    assert cli(["train", CONFIG, *small_run(run, tmp_path / "cache", 2), verifier]) == 0
     outcomes = []
     for step in (0, 1):
         logged = RolloutStore(run / "rollouts").read_step(step)
@@ -311,10 +295,10 @@ def test_the_custom_verifier_example_trains_as_documented(tmp_path):
     tracker.close()
 
 
-def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path):
+def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path, small_run):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "rl.cli", "train", CONFIG, *_overrides(run, tmp_path, 50)]
+    args = [sys.executable, "-m", "rl.cli", "train", CONFIG, *small_run(run, tmp_path, 50)]
     # A shell that starts this suite in the background ignores SIGINT for it, and Python then
     # keeps ignoring it: give the trainer the default disposition, as a terminal's would be.
     proc = subprocess.Popen(
@@ -339,7 +323,7 @@ def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path):
     assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "KILLED"
 
 
-def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch):
+def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     from mlflow.tracking import MlflowClient
 
@@ -355,9 +339,23 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_step", fails_at_step_1)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="out of memory"):
-        trainer.train(load_config(CONFIG, _overrides(run, tmp_path / "cache", 3)))
+        trainer.train(load_config(CONFIG, small_run(run, tmp_path / "cache", 3)))
     run_id = (run / RUN_ID_FILE).read_text().strip()
     assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "FAILED"
     assert RolloutStore(run / "rollouts").steps() == [0]  # what was done stays
     with RunLock(run):  # and the directory is free again
         pass
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from rl import trainer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
+
+    monkeypatch.setattr(trainer, "train", full)
+    assert cli(["train", CONFIG, f"trainer.output_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No space left on device writing" in err, err
