@@ -8,7 +8,7 @@ import torch
 
 import policy.attention as attention
 from policy import freeze_all_but_indexer, indexer_parameters
-from policy.attention import select_topk, selection_mask
+from policy.indexer import select_topk, selection_mask
 from policy.rope import apply_rope
 
 
@@ -50,7 +50,7 @@ def _record_selections(monkeypatch):
         seen.append(ids)
         return ids
 
-    monkeypatch.setattr(attention, "select_topk", spy)
+    monkeypatch.setattr(attention, "select_topk", spy)  # where MLA looks it up
     return seen
 
 
