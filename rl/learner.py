@@ -22,7 +22,7 @@ from policy import Transformer
 
 from .advantage import group_advantages
 from .batch import Batch
-from .logprobs import masked_logprobs
+from .logprobs import routing_disagreement, token_logprobs
 from .loss import LossConfig, grpo_token_loss, token_weights
 from .masks import opsm_keep
 
@@ -100,43 +100,16 @@ class Learner:
         self.steps = 0
 
     def token_logprobs(
-        self,
-        model: Transformer,
-        mb: Batch,
-        *,
-        entropy: bool = False,
-        keep_routing: bool | None = None,
+        self, model: Transformer, mb: Batch, *, entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """log pi(token) [b, T] at response positions (0 elsewhere), its entropy [b, T] or
-        None, and the routing the model's own gates chose [b, T, n_moe, k] (the routing the
-        forward used unless Keep Routing replayed the sampler's)."""
-        keep_routing = self.cfg.keep_routing if keep_routing is None else keep_routing
-        replay = mb.routing if keep_routing else None
-        out = model(
-            mb.input_ids,
-            replay_routing=replay,
-            attention_mask=mb.attention_mask,
-            return_logits=False,
+        """rl.logprobs.token_logprobs with this learner's Keep Routing / Keep Sampling Mask."""
+        return token_logprobs(
+            model,
+            mb,
+            keep_routing=self.cfg.keep_routing,
+            keep_sampling_mask=self.cfg.keep_sampling_mask,
+            entropy=entropy,
         )
-        # Token p is predicted from the hidden state at p - 1.
-        sel = mb.response_mask[:, 1:]
-        kept = (
-            mb.kept_ids[:, 1:][sel]
-            if (self.cfg.keep_sampling_mask and mb.kept_ids is not None)
-            else None
-        )
-        logp, ent = masked_logprobs(
-            out.hidden[:, :-1][sel],
-            model.lm_head.weight,
-            mb.input_ids[:, 1:][sel],
-            kept,
-            temperature=mb.temperature,
-            return_entropy=True,
-        )
-        full = torch.zeros(mb.input_ids.shape, dtype=logp.dtype, device=logp.device)
-        logp_full = full.masked_scatter(mb.response_mask, logp)
-        ent_full = full.masked_scatter(mb.response_mask, ent) if entropy else None
-        return logp_full, ent_full, out.own_routing
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on `batch`; returns its metrics (see module docstring)."""
@@ -148,6 +121,7 @@ class Learner:
         n_seqs = int((batch.response_lens > 0).sum())
         n_tokens = int(batch.response_lens.sum())
         sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
         gap_max = 0.0
         for index in micro_batches(batch, cfg.micro_batch_tokens):
             mb = batch.select(index)
@@ -183,7 +157,11 @@ class Learner:
                 n_seqs, 1
             )
             if mb.routing is not None:  # measured with Keep Routing on too: what it overrides
-                sums["routing_disagreement"] += _routing_disagreement(routing, mb) / batch.size
+                differs, by_layer, routed = routing_disagreement(routing, mb)
+                counts["any"] += differs
+                counts["routed"] += routed
+                for i, n in enumerate(by_layer):
+                    counts[f"layer_{i}"] += n
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip
         )
@@ -193,6 +171,10 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         secs = time.perf_counter() - start
+        if counts["routed"]:  # the share of routed tokens whose experts differ, any / by layer
+            routed = counts.pop("routed")
+            sums["routing_disagreement"] = counts.pop("any") / routed
+            sums.update({f"routing_disagreement/{k}": n / routed for k, n in counts.items()})
         return {
             **sums,
             "logp_gap_max": gap_max,
@@ -214,12 +196,3 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]
-
-
-def _routing_disagreement(learner_routing: torch.Tensor, mb: Batch) -> float:
-    """Sum over rows of the fraction of routed tokens sent to a different expert set, in any
-    MoE layer, than the sampler recorded (weighted per row)."""
-    same = (learner_routing.sort(-1).values == mb.routing.sort(-1).values).all(-1).all(-1)
-    valid = mb.routed_mask
-    per_row = ((~same) & valid).sum(-1).float() / valid.sum(-1).clamp_min(1)
-    return float(per_row.sum())

@@ -12,14 +12,26 @@ would be 2.1 GB). `masked_logprobs_reference` is the plain torch version it is t
 
 Kept ids are [N, K] padded with -1. A row of all -1 means "not truncated": the full softmax
 (no top-k/top-p was applied at that position, so nothing was recorded).
+
+`token_logprobs(model, batch, keep_routing=..., keep_sampling_mask=...)` is the one way a
+batch's response tokens are scored (the learner, its reference model and `keeprl replay` all
+use it), and `routing_disagreement` the one measure of how the model's own gates differ from
+the routing the sampler recorded.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from policy.layers import upcast
+
+if TYPE_CHECKING:
+    from policy import Transformer
+
+    from .batch import Batch
 
 # Default bound on one chunk's [chunk, V] float32 logits, in elements: 64 MiB on the CPU,
 # 256 MiB on a GPU, where chunks of ~500 rows at vocab 129,280 keep the matmuls efficient.
@@ -191,3 +203,57 @@ def masked_logprobs_reference(
         None if kept_ids is None else kept_ids.long(),
     )
     return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
+
+
+def token_logprobs(
+    model: Transformer,
+    batch: Batch,
+    *,
+    keep_routing: bool,
+    keep_sampling_mask: bool,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Score a batch's response tokens with `model`.
+
+    keep_routing: the forward replays the sampler's recorded experts (batch.routing);
+    keep_sampling_mask: log-probs are renormalised over the sampler's kept ids.
+    Returns log pi(token) [B, T] at response positions (0 elsewhere), its entropy [B, T] (or
+    None), and the routing the model's own gates chose [B, T, n_moe, k], which is what the
+    forward used unless Keep Routing replayed the sampler's.
+    """
+    out = model(
+        batch.input_ids,
+        replay_routing=batch.routing if keep_routing else None,
+        attention_mask=batch.attention_mask,
+        return_logits=False,
+    )
+    # Token p is predicted from the hidden state at p - 1.
+    sel = batch.response_mask[:, 1:]
+    kept = batch.kept_ids[:, 1:][sel] if keep_sampling_mask and batch.kept_ids is not None else None
+    logp, ent = masked_logprobs(
+        out.hidden[:, :-1][sel],
+        model.lm_head.weight,
+        batch.input_ids[:, 1:][sel],
+        kept,
+        temperature=batch.temperature,
+        return_entropy=True,
+    )
+    full = torch.zeros(batch.input_ids.shape, dtype=logp.dtype, device=logp.device)
+    logp_full = full.masked_scatter(batch.response_mask, logp)
+    ent_full = full.masked_scatter(batch.response_mask, ent) if entropy else None
+    return logp_full, ent_full, out.own_routing
+
+
+def routing_disagreement(own_routing: torch.Tensor, batch: Batch) -> tuple[int, list[int], int]:
+    """How the model's own expert choice [B, T, n_moe, k] differs from the routing the sampler
+    recorded (batch.routing), over the tokens the sampler routed: (tokens whose expert set
+    differs in any MoE layer, the same per layer, routed tokens). Counts, so micro-batches add
+    up; divide by the last for fractions."""
+    same = (own_routing.sort(-1).values == batch.routing.sort(-1).values).all(-1)  # [B, T, L]
+    valid = batch.routed_mask
+    differs = ~same & valid[..., None]
+    return (
+        int(differs.any(-1).sum()),
+        [int(x) for x in differs.sum((0, 1)).tolist()],
+        int(valid.sum()),
+    )

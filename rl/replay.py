@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .batch import Batch
 from .cli import output_file_problem, write_output
 from .config import ConfigError, ExperimentConfig, build
-from .learner import Learner, LearnerConfig
+from .logprobs import routing_disagreement, token_logprobs
 from .tokenizer import CharTokenizer
 
 VARIANTS = {  # name -> (keep_routing, keep_sampling_mask)
@@ -85,10 +85,9 @@ def replay(
     }
     with torch.no_grad():
         for name, (routing, sampling_mask) in VARIANTS.items():
-            learner = Learner(
-                policy, LearnerConfig(keep_routing=routing, keep_sampling_mask=sampling_mask)
+            logp, _, used = token_logprobs(
+                policy, batch, keep_routing=routing, keep_sampling_mask=sampling_mask
             )
-            logp, _, used = learner.token_logprobs(policy, batch)
             gap = (batch.old_logprobs - logp).abs() * mask
             report["variants"][name] = {
                 "gap_mean": float(gap.sum() / mask.sum()),
@@ -98,7 +97,8 @@ def replay(
             if name == "routing+mask":
                 report["worst_tokens"] = _worst(batch, logp, gap, tok, top)
             if name == "mask only":
-                report["routing_disagreement_by_layer"] = _by_layer(used, batch)
+                _, by_layer, routed = routing_disagreement(used, batch)
+                report["routing_disagreement_by_layer"] = [n / max(routed, 1) for n in by_layer]
     if verifier:
         report["rescored"] = _rescore(trajs, logged, verifier, tok)
     return report
@@ -123,13 +123,6 @@ def _worst(
             }
         )
     return out
-
-
-def _by_layer(learner_routing: torch.Tensor, batch: Batch) -> list[float]:
-    """Per MoE layer, the fraction of routed tokens whose expert set differs."""
-    same = (learner_routing.sort(-1).values == batch.routing.sort(-1).values).all(-1)
-    valid = batch.routed_mask
-    return [float((~same[..., i] & valid).sum() / valid.sum()) for i in range(same.shape[-1])]
 
 
 def _rescore(trajs: list, logged: Any, verifier: str, tok: CharTokenizer) -> dict[str, Any]:

@@ -88,6 +88,8 @@ def test_keep_routing_switch(policy, sampler):
     # layer's input does not depend on routing, so both runs see the same disagreement.
     assert on["routing_disagreement"] == pytest.approx(off["routing_disagreement"])
     assert off["routing_disagreement"] > 0.1
+    # Per MoE layer too (one here: a token differs in some layer iff it differs in that one).
+    assert off["routing_disagreement/layer_0"] == off["routing_disagreement"]
     assert on["logp_gap_max"] < 1e-5 < off["logp_gap_max"]
 
 
