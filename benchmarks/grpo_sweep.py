@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policy import Transformer, preset  # noqa: E402
 from rl.batch import Batch  # noqa: E402
 from rl.config import IndexerWarmupConfig, SparseSFTConfig, WarmStartConfig  # noqa: E402
-from rl.learner import Learner, LearnerConfig  # noqa: E402
-from rl.loss import LossConfig  # noqa: E402
+from rl.learner import AlgorithmConfig, Learner, LearnerConfig, OptimConfig  # noqa: E402
 from rl.tasks import TaskStream  # noqa: E402
 from rl.tokenizer import CharTokenizer  # noqa: E402
 from rl.warm_start import run_stages  # noqa: E402
@@ -64,7 +63,8 @@ def run(maxop, sft, lr, updates, P, G, steps, topk, beta, seed) -> list[float]: 
         )
     run_stages(model, warm, tok, warm_cfg)
     engine = NativeEngine(model)
-    learner = Learner(model, LearnerConfig(lr=lr, loss=LossConfig(eps_high=0.28, beta=beta)))
+    cfg = LearnerConfig(optim=OptimConfig(lr=lr), algorithm=AlgorithmConfig(beta=beta))
+    learner = Learner(model, cfg)
     stream = TaskStream("arithmetic", None, seed, {"max_operand": maxop})
     sampling = Sampling(temperature=1.0, top_k=20, max_tokens=6, stop_token_ids=(tok.eos_id,))
     curve = []

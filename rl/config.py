@@ -22,6 +22,10 @@ import yaml
 import rewards
 from rollout.trajectory import Sampling
 
+# The learner's own settings are the YAML sections `algorithm` and `optim`: one definition,
+# documented and validated where the library uses it.
+from .learner import AlgorithmConfig, OptimConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line that names the key and the fix."""
@@ -131,36 +135,6 @@ class RewardConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AlgorithmConfig:
-    """GRPO and its stabilizers; each switch can be turned off for ablations."""
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    beta: float = 0.0
-    kl_estimator: Literal["unbiased", "k3"] = "unbiased"
-    opsm: bool = True
-    opsm_delta: float = 0.05
-    aggregation: Literal["sequence", "token"] = "sequence"
-    std_normalize: bool = False
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
-    # Optimizer steps on each rollout batch (the clipped ratio keeps the later ones close to
-    # the sampler); more than 1 reuses the costly rollouts.
-    updates_per_batch: int = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    micro_batch_tokens: int = 8192
-    device: str = "cpu"
-
-
-@dataclass(frozen=True, kw_only=True)
 class RayConfig:
     address: str | None = None  # None: start a local cluster; else join this one
     num_cpus: int | None = None  # for a local cluster
@@ -248,12 +222,10 @@ def _check(cfg: ExperimentConfig) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"rewards.verifiers: {e}") from None
     for name, value in [
-        ("algorithm.updates_per_batch", cfg.algorithm.updates_per_batch),
         ("trainer.total_steps", cfg.trainer.total_steps),
         ("checkpoint.every", cfg.checkpoint.every),
         ("rollout.workers", cfg.rollout.workers),
         ("data.prompts_per_step", cfg.data.prompts_per_step),
-        ("optim.micro_batch_tokens", cfg.optim.micro_batch_tokens),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -301,6 +273,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, origin):
             raise ConfigError(f"{path}: expected a {origin.__name__}, got {value!r}")
         return value
+    if origin is tuple:  # fixed-length, e.g. optim.betas: [0.9, 0.95]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in pairs)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -336,7 +313,10 @@ def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        msg = str(e)
+        if path and msg.split(" ", 1)[0] in names:  # "lr must be ...": name the key in full
+            raise ConfigError(f"{path}.{msg}") from None
+        raise ConfigError(f"{path or 'config'}: {msg}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -385,5 +365,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (for logging, MLflow params and resume)."""
-    return dataclasses.asdict(cfg)
+    """The resolved config as plain data (for logging, MLflow params and resume); tuples
+    become lists, as YAML reads them back."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

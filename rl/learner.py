@@ -15,6 +15,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -28,42 +29,76 @@ from .masks import opsm_keep
 
 
 @dataclass(frozen=True, kw_only=True)
-class LearnerConfig:
-    """Optimizer, schedule, micro-batching and the two replay stabilizers' switches."""
+class AlgorithmConfig(LossConfig):
+    """GRPO and its stabilizers (the YAML section `algorithm`): the objective (LossConfig's
+    fields) plus the two replay stabilizers, the advantage normalisation and the number of
+    optimizer steps per rollout batch. Each switch can be turned off for ablations."""
+
+    keep_routing: bool = True  # the forward replays the sampler's recorded experts
+    keep_sampling_mask: bool = True  # log-probs over the sampler's top-k/top-p kept ids
+    std_normalize: bool = False  # divide advantages by the group std (off: the paper's A)
+    # Optimizer steps on each rollout batch (the clipped ratio keeps the later ones close to
+    # the sampler); more than 1 reuses the costly rollouts.
+    updates_per_batch: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW, its schedule and micro-batching (the YAML section `optim`)."""
 
     lr: float = 1e-6
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # or "cosine" (to min_lr_ratio * lr at total_steps)
-    total_steps: int = 0
-    min_lr_ratio: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
+    grad_clip: float = 1.0  # max global gradient norm
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine: the lr at the last step, as a fraction of lr
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward
-    keep_routing: bool = True
-    keep_sampling_mask: bool = True
-    std_normalize: bool = False  # divide advantages by the group std (off: the paper's A)
-    loss: LossConfig = field(default_factory=LossConfig)
+    device: str = "cpu"  # where the learner runs (keeprl train's learner actor)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(
                 f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}"
             )
-        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
-            raise ValueError("lr_schedule='cosine' needs total_steps > warmup_steps")
         if self.micro_batch_tokens < 1:
-            raise ValueError("micro_batch_tokens must be >= 1")
+            raise ValueError(f"micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """What a Learner needs: the algorithm, the optimizer, and how many optimizer steps the
+    run takes (for the cosine schedule; keeprl train: total_steps x updates_per_batch)."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    total_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optim.lr_schedule == "cosine" and self.total_steps <= self.optim.warmup_steps:
+            raise ValueError(
+                f"lr_schedule 'cosine' needs more optimizer steps ({self.total_steps}) than "
+                f"warmup_steps ({self.optim.warmup_steps})"
+            )
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then schedule."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    """Multiplier of optim.lr at optimizer step `step` (0-based): linear warm-up, then the
+    schedule."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - o.warmup_steps) / (cfg.total_steps - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def micro_batches(batch: Batch, token_budget: int) -> list[torch.Tensor]:
@@ -87,12 +122,12 @@ class Learner:
     ) -> None:
         self.policy, self.cfg = policy, cfg
         self.reference = None
-        if cfg.loss.beta > 0:
+        if cfg.algorithm.beta > 0:
             self.reference = reference if reference is not None else copy.deepcopy(policy)
             self.reference.eval().requires_grad_(False)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg)
@@ -106,24 +141,24 @@ class Learner:
         return token_logprobs(
             model,
             mb,
-            keep_routing=self.cfg.keep_routing,
-            keep_sampling_mask=self.cfg.keep_sampling_mask,
+            keep_routing=self.cfg.algorithm.keep_routing,
+            keep_sampling_mask=self.cfg.algorithm.keep_sampling_mask,
             entropy=entropy,
         )
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on `batch`; returns its metrics (see module docstring)."""
-        cfg, lcfg = self.cfg, self.cfg.loss
+        cfg, lcfg = self.cfg, self.cfg.algorithm
         start = time.perf_counter()
         batch = batch.to(self.policy.lm_head.weight.device)
         self.policy.train()
-        adv_all = group_advantages(batch.rewards, batch.group_ids, cfg.std_normalize)
+        adv_all = group_advantages(batch.rewards, batch.group_ids, lcfg.std_normalize)
         n_seqs = int((batch.response_lens > 0).sum())
         n_tokens = int(batch.response_lens.sum())
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         gap_max = 0.0
-        for index in micro_batches(batch, cfg.micro_batch_tokens):
+        for index in micro_batches(batch, cfg.optim.micro_batch_tokens):
             mb = batch.select(index)
             adv = adv_all[index].to(mb.input_ids.device)
             mask = mb.response_mask
@@ -163,7 +198,7 @@ class Learner:
                 for i, n in enumerate(by_layer):
                     counts[f"layer_{i}"] += n
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip
+            [p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
         )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()

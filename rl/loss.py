@@ -12,6 +12,7 @@ batch, passed in, so micro-batches add up to exactly the full-batch loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,18 +21,23 @@ from .kl import k3_kl, unbiased_kl
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """The objective's knobs; each stabilizer can be switched off for ablations."""
+    """The objective's knobs; each stabilizer can be switched off for ablations. The paper
+    gives no values for eps, beta or delta (these defaults are keeprl's)."""
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_low: float = 0.2  # ratio clip below: 1 - eps_low
+    # Ratio clip above: 1 + eps_high. Wider than eps_low ("clip-higher") so that tokens the
+    # policy rarely chose can still grow; equal values give the paper's symmetric clip.
+    eps_high: float = 0.28
     beta: float = 0.0  # KL weight; 0 skips the reference model altogether
-    kl_estimator: str = "unbiased"  # or "k3" (plain K3, for comparison)
-    opsm: bool = True
+    kl_estimator: Literal["unbiased", "k3"] = "unbiased"  # k3: plain K3, for comparison
+    opsm: bool = True  # Off-Policy Sequence Masking
     # Mean per-token log(pi_old / pi_theta) above which a negative-advantage sequence is
-    # dropped. The paper gives no value; 0.05 nats/token sits well above bf16
-    # training/inference mismatch (~1e-3) and below one clipped step's drift.
+    # dropped. 0.05 nats/token sits well above bf16 training/inference mismatch (~1e-3) and
+    # below one clipped step's drift.
     opsm_delta: float = 0.05
-    aggregation: str = "sequence"  # or "token"
+    # 'sequence': mean over each sequence's tokens, then over sequences (the paper's);
+    # 'token': every token of the batch weighs the same.
+    aggregation: Literal["sequence", "token"] = "sequence"
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in ("unbiased", "k3"):

@@ -36,7 +36,6 @@ from .batch import Batch
 from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
 from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
-from .loss import LossConfig
 from .tasks import TaskStream
 from .tokenizer import CharTokenizer
 from .tracking import Tracker
@@ -73,28 +72,11 @@ class LearnerService:
 
 
 def learner_config(cfg: ExperimentConfig) -> LearnerConfig:
-    a, o = cfg.algorithm, cfg.optim
-    loss = LossConfig(
-        eps_low=a.eps_low,
-        eps_high=a.eps_high,
-        beta=a.beta,
-        kl_estimator=a.kl_estimator,
-        opsm=a.opsm,
-        opsm_delta=a.opsm_delta,
-        aggregation=a.aggregation,
-    )
+    """The learner's settings: the config's own `algorithm` and `optim` sections."""
     return LearnerConfig(
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-        lr_schedule=o.lr_schedule,
-        total_steps=cfg.trainer.total_steps * a.updates_per_batch,
-        micro_batch_tokens=o.micro_batch_tokens,
-        keep_routing=a.keep_routing,
-        keep_sampling_mask=a.keep_sampling_mask,
-        std_normalize=a.std_normalize,
-        loss=loss,
+        algorithm=cfg.algorithm,
+        optim=cfg.optim,
+        total_steps=cfg.trainer.total_steps * cfg.algorithm.updates_per_batch,
     )
 
 
@@ -156,7 +138,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     try:
         learner_config(cfg)
     except ValueError as e:
-        raise ConfigError(f"optim: {e}") from None
+        raise ConfigError(f"optim: {e}") from None  # the cosine schedule's length
 
 
 def _config_diff(old: Any, new: Any, path: str = "") -> list[str]:

