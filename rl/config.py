@@ -33,10 +33,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """The policy RL starts from: a preset (changed by overrides), or a checkpoint."""
+
     preset: str = "tiny"  # policy.PRESETS name the model starts from
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields to change
     checkpoint: str | None = None  # start from these weights instead (save_pretrained dir)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the learner's parameters
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +48,7 @@ class IndexerWarmupConfig:
     The paper: lr 1e-3, 1000 steps of 16 x 128K tokens."""
 
     steps: int = 0  # 0 skips the stage
-    lr: float = 1e-3
+    lr: float = 1e-3  # the indexers' learning rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +59,8 @@ class SparseSFTConfig:
     parameters: separate learning rates, not a loss coefficient, set their balance."""
 
     steps: int = 0  # 0 skips the stage
-    lr: float = 3e-4
-    indexer_lr: float = 1e-3
+    lr: float = 3e-4  # the main model's learning rate (LM loss)
+    indexer_lr: float = 1e-3  # the indexers' learning rate (their KL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,13 +71,13 @@ class WarmStartConfig:
     off by default and matter only when the model's index_topk is below the sequence length
     (otherwise DSA selects every key and is exactly dense attention)."""
 
-    enabled: bool = False
+    enabled: bool = False  # off: RL starts from the preset's random weights
     steps: int = 300  # stage 1, dense SFT; 0 skips it
     batch_size: int = 32  # sequences per step, every stage
     lr: float = 3e-3  # stage 1
     indexer_warmup: IndexerWarmupConfig = field(default_factory=IndexerWarmupConfig)
     sparse_sft: SparseSFTConfig = field(default_factory=SparseSFTConfig)
-    cache_dir: str = "~/.cache/keeprl/warm_start"
+    cache_dir: str = "~/.cache/keeprl/warm_start"  # warm-started policies, keyed by settings
 
     def __post_init__(self) -> None:
         for name, value in [
@@ -101,32 +103,42 @@ class WarmStartConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """The prompts and their reference answers: a built-in generator or a file."""
+
     task: str | None = "arithmetic"  # a built-in task generator (rl.tasks.TASKS) ...
     path: str | None = None  # ... or a JSONL / Parquet file of {prompt, reference}
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    prompts_per_step: int = 8
-    seed: int = 0
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # the generator's arguments
+    prompts_per_step: int = 8  # prompts a step; each gets samples_per_prompt responses
+    seed: int = 0  # the generator's seed, or the file's shuffling
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 16
+    """How rollouts sample (vLLM's meaning); the kept set of top-k/top-p is recorded."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: no nucleus cut
+    top_k: int = 0  # 0: no top-k cut
+    max_tokens: int = 16  # response tokens at most
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    engine: Literal["native", "vllm"] = "native"
-    workers: int = 1
+    """The rollout workers (Ray actors) and what they generate."""
+
+    engine: Literal["native", "vllm"] = "native"  # the policy itself, or vLLM
+    workers: int = 1  # rollout worker actors; prompts are sharded across them
     samples_per_prompt: int = 8  # G, the group size
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the engine
 
 
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
+    """The verifiers and how they run (docs/rewards.md)."""
+
+    # {name, weight, label, kwargs} entries: a registered name or module:attr, combined as a
+    # weighted mean over the verifiers that apply
     verifiers: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "math"}])
     timeout_s: float = 10.0  # per sample; a verifier that overruns is killed and scores 0
     # Verifier processes scoring at once (each sample in a killable process); 0: one per CPU
@@ -136,32 +148,40 @@ class RewardConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RayConfig:
+    """The Ray cluster and what each actor asks of it."""
+
     address: str | None = None  # None: start a local cluster; else join this one
     num_cpus: int | None = None  # for a local cluster
     rollout_cpus: float = 1.0  # per rollout worker
-    rollout_gpus: float = 0.0
-    learner_cpus: float = 1.0
-    learner_gpus: float = 0.0
+    rollout_gpus: float = 0.0  # per rollout worker
+    learner_cpus: float = 1.0  # the learner actor's
+    learner_gpus: float = 0.0  # the learner actor's (set optim.device to cuda with it)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
+    """Where metrics go (MLflow)."""
+
     mlflow_uri: str | None = None  # None: SQLite <run>/mlflow.db, artifacts in <run>/mlartifacts
-    experiment: str = "keeprl"
-    run_name: str | None = None
+    experiment: str = "keeprl"  # the MLflow experiment
+    run_name: str | None = None  # None: the run directory's name
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """How often the run is saved (docs/runs.md)."""
+
     every: int = 10  # steps between checkpoints
     keep_last: int = 2  # newest checkpoints kept; 0 keeps every one
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
-    total_steps: int = 20
-    output_dir: str = "runs/default"
-    seed: int = 0
+    """The run itself."""
+
+    total_steps: int = 20  # RL steps (rollouts, rewards, learner update)
+    output_dir: str = "runs/default"  # the run directory (docs/runs.md); one run owns it
+    seed: int = 0  # model init and each step's sampling seed
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,12 +51,12 @@ class AlgorithmConfig(LossConfig):
 class OptimConfig:
     """AdamW, its schedule and micro-batching (the YAML section `optim`)."""
 
-    lr: float = 1e-6
-    weight_decay: float = 0.0
+    lr: float = 1e-6  # AdamW's peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's
     grad_clip: float = 1.0  # max global gradient norm
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up
     min_lr_ratio: float = 0.0  # cosine: the lr at the last step, as a fraction of lr
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward
     device: str = "cpu"  # where the learner runs (keeprl train's learner actor)

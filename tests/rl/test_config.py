@@ -122,3 +122,15 @@ def test_the_learner_sections_are_the_learners_own_settings(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(_write(tmp_path), overrides)
+
+
+def test_the_readme_documents_every_key_once():
+    from rl.config_doc import reference, rows
+
+    assert all(meaning for _, _, meaning in rows())  # every key says what it is for
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    shown = readme.split(start, 1)[1].split(end, 1)[0]
+    assert shown == reference(), "README's configuration section is stale: python -m rl.config_doc"
+    keys = [key for key, _, _ in rows()]
+    assert len(keys) == len(set(keys)) and all(shown.count(f"| `{k}` |") == 1 for k in keys)
