@@ -38,17 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import cpu_name, write_section  # noqa: E402
 
 import policy  # noqa: E402
+from policy.testing import tiny_policy  # noqa: E402
 from rollout import NativeEngine, Sampling, VLLMEngine  # noqa: E402
 from rollout.store import RolloutStore  # noqa: E402
 
 
 def _checkpoint(directory: Path) -> Path:
-    torch.manual_seed(0)
-    model = policy.Transformer(policy.preset("tiny"))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.02)
+    model = tiny_policy(0, bias_std=0.02)
     return policy.save_pretrained(model, directory, dtype=torch.bfloat16)
 
 

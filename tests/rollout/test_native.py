@@ -11,23 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from policy import Transformer, preset, save_pretrained
+from policy import save_pretrained
+from policy.testing import tiny_policy
 from rollout import Sampling
 from rollout.native import NativeEngine
 from rollout.sampling import kept_ids_of, truncate_logits
 
 PROMPTS = [[5, 9, 2, 7], [11, 3], [8, 8, 1, 4, 6, 2]]
-
-
-def tiny_policy(seed: int = 0, **overrides) -> Transformer:
-    """A tiny policy with a perturbed MoE selection bias (so routing is not trivial)."""
-    torch.manual_seed(seed)
-    model = Transformer(preset("tiny", **overrides))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model
 
 
 @pytest.fixture
