@@ -29,8 +29,8 @@ import torch
 from policy import Transformer, save_pretrained
 
 from .faults import crash_point
+from .run_dir import CHECKPOINT_PREFIX, RunDir
 
-_PREFIX = "step_"
 _TEMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def save(
     directory behind and raises CheckpointError."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{_PREFIX}{state.step:06d}"
+    root = RunDir(run_dir).checkpoints
+    final = RunDir(run_dir).checkpoint(state.step)
     tmp: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -106,14 +106,14 @@ def save(
             f"cannot write the checkpoint of step {state.step} under {root}: {e.strerror or e}"
         ) from None
     if keep_last:
-        for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep_last]:
+        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def clean_temp(run_dir: str | Path) -> list[Path]:
     """Remove the partial checkpoints a killed write left (run start, under the run lock)."""
-    found = sorted((Path(run_dir) / "checkpoints").glob(f"{_TEMP_PREFIX}*"))
+    found = sorted(RunDir(run_dir).checkpoints.glob(f"{_TEMP_PREFIX}*"))
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return found
@@ -167,16 +167,16 @@ def _jsonable(obj: Any) -> Any:
 
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint directory, or None (not verified: see latest_intact)."""
-    root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / MANIFEST).exists())
+    root = RunDir(run_dir).checkpoints
+    done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / MANIFEST).exists())
     return done[-1] if done else None
 
 
 def latest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that verifies, and why each newer one was skipped."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     skipped = []
-    for path in sorted(root.glob(f"{_PREFIX}*"), reverse=True):
+    for path in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
         try:
             verify(path)
         except CheckpointError as e:

@@ -25,6 +25,7 @@ from rollout.store import RolloutFileError, RolloutStore, StepRollouts, read_fil
 from rollout.trajectory import Trajectory
 
 from .cli import output_file_problem, write_output
+from .run_dir import RunDir
 from .tokenizer import CharTokenizer
 
 DEFAULT_LIMIT = 8  # trajectories shown when no --index is given; a step may hold hundreds
@@ -51,7 +52,7 @@ def load_step(source: str | Path, step: int | None) -> tuple[Path, StepRollouts]
     if not path.is_dir():
         raise InspectError(f"{path}: no such run directory or step file")
     # RolloutStore() creates its directory: look before constructing one.
-    directory = path / "rollouts" if (path / "rollouts").is_dir() else path
+    directory = RunDir(path).rollouts if RunDir(path).rollouts.is_dir() else path
     store = RolloutStore(directory)
     steps = store.steps()
     if not steps:
@@ -129,7 +130,7 @@ def trajectory_report(
         "reward": logged.rewards[index],
         "subscores": logged.subscores[index],
         "failure": logged.failures[index],
-        "reference": t.extra.get("reference"),
+        "reference": RunDir.reference_of(t),
         "sampling": {
             "temperature": t.sampling.temperature,
             "top_p": t.sampling.top_p,

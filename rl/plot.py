@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 
 from .cli import output_file_problem
-from .tracking import RUN_ID_FILE, STORE_FILE, local_store_uri, read_pending_rows
+from .run_dir import RunDir
+from .tracking import local_store_uri, read_pending_rows
 
 DEFAULT_METRICS = ("reward_mean", "accuracy", "kl")  # those a run logged; kl needs a KL term
-PENDING = "metrics.pending.jsonl"
 
 History = Callable[[str], list[tuple[int, float]]]  # metric key -> [(step, value)]
 
@@ -38,12 +38,12 @@ class PlotError(ValueError):
 def _mlflow_uri(run: Path) -> str | None:
     """The run's tracking URI: tracking.mlflow_uri of its config.yaml, else the default local
     store, or None when that store does not exist (opening it would create it)."""
-    cfg_file = run / "config.yaml"
+    cfg_file = RunDir(run).config
     if cfg_file.exists():
         uri = (yaml.safe_load(cfg_file.read_text()) or {}).get("tracking", {}).get("mlflow_uri")
         if uri:
             return uri
-    return local_store_uri(run) if (run / STORE_FILE).exists() else None
+    return local_store_uri(run) if RunDir(run).mlflow_store.exists() else None
 
 
 def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
@@ -51,7 +51,7 @@ def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
     read-only: no Tracker, so the run's status is left as it is. ([], reader of nothing) when
     the run has no MLflow store yet."""
     run = Path(run_dir)
-    uri, id_file = _mlflow_uri(run), run / RUN_ID_FILE
+    uri, id_file = _mlflow_uri(run), RunDir(run).mlflow_run_id
     if uri is None or not id_file.exists():
         return [], lambda key: []
     from mlflow.exceptions import MlflowException
@@ -69,7 +69,8 @@ def read_committed(run_dir: str | Path) -> tuple[list[str], History]:
 def read_pending(run_dir: str | Path) -> dict[int, dict[str, float]]:
     """step -> metrics of `<run>/metrics.pending.jsonl`; a later line for a step wins (a
     resumed run logs the steps it reruns again)."""
-    return {int(r["step"]): r["metrics"] for r in read_pending_rows(Path(run_dir) / PENDING)}
+    rows = read_pending_rows(RunDir(run_dir).pending_metrics)
+    return {int(r["step"]): r["metrics"] for r in rows}
 
 
 def read_metrics(
@@ -115,7 +116,7 @@ def plot_run(
         logged = sorted(read_metrics(run, history=history))
         what = f"metric {', '.join(missing)} not logged" if missing else "no metrics logged yet"
         raise PlotError(f"{run}: {what}; logged: {', '.join(logged) or 'none'}")
-    path = Path(out) if out is not None else run / "curves.png"
+    path = Path(out) if out is not None else RunDir(run).curves
     _draw(series, path, title=run.resolve().name)
     return path
 

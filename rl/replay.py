@@ -28,6 +28,7 @@ from .batch import Batch
 from .cli import output_file_problem, write_output
 from .config import ConfigError, ExperimentConfig, build
 from .logprobs import routing_disagreement, token_logprobs
+from .run_dir import RunDir
 from .tokenizer import CharTokenizer
 
 VARIANTS = {  # name -> (keep_routing, keep_sampling_mask)
@@ -38,26 +39,14 @@ VARIANTS = {  # name -> (keep_routing, keep_sampling_mask)
 }
 
 
-def _weights_for(run: Path, cfg: ExperimentConfig, version: int) -> Path:
-    """The policy directory holding weight version `version` (set after step version - 1)."""
-    if version == 0:
-        for candidate in (cfg.model.checkpoint, run / "initial_policy"):
-            if candidate and (Path(candidate) / "config.json").exists():
-                return Path(candidate)
-        raise ConfigError(
-            f"{run}: the initial policy is not stored with the run (a cached "
-            "warm-start); replay needs model.checkpoint or a later step"
-        )
-    path = run / "checkpoints" / f"step_{version - 1:06d}" / "policy"
-    if not (path / "config.json").exists():
-        kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-        raise ConfigError(
-            f"{run}: no checkpoint with weight version {version} (step_"
-            f"{version - 1:06d}); kept: {kept or 'none'}. Replay needs the "
-            "weights that sampled the step: use checkpoint.every=1 and a larger "
-            "checkpoint.keep_last for runs you want to replay"
-        )
-    ckpt.verify(path.parent)  # damaged weights would be replayed as a huge "mismatch"
+def _weights_for(run: RunDir, cfg: ExperimentConfig, version: int) -> Path:
+    """The verified policy directory holding weight version `version`."""
+    try:
+        path = run.weights(version, cfg.model.checkpoint)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}; replay needs the weights that sampled the step") from None
+    if version:
+        ckpt.verify(path.parent)  # damaged weights would be replayed as a huge "mismatch"
     return path
 
 
@@ -65,9 +54,9 @@ def replay(
     run_dir: str | Path, step: int, *, verifier: str | None = None, top: int = 10
 ) -> dict[str, Any]:
     """The mismatch report of one logged step (see module docstring)."""
-    run = Path(run_dir)
-    cfg = build(ExperimentConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    logged = RolloutStore(run / "rollouts").read_step(step)
+    run = RunDir(run_dir)
+    cfg = build(ExperimentConfig, yaml.safe_load(run.config.read_text()))
+    logged = RolloutStore(run.rollouts).read_step(step)
     trajs = logged.trajectories
     versions = {t.weight_version for t in trajs}
     if len(versions) != 1:
@@ -77,7 +66,7 @@ def replay(
     tok = CharTokenizer()
     mask = batch.response_mask
     report: dict[str, Any] = {
-        "run": str(run),
+        "run": str(run.path),
         "step": step,
         "sequences": len(trajs),
         "response_tokens": int(mask.sum()),
@@ -128,13 +117,13 @@ def _worst(
 def _rescore(trajs: list, logged: Any, verifier: str, tok: CharTokenizer) -> dict[str, Any]:
     """Score the logged responses again with another verifier (references are stored in each
     trajectory's `extra` by the trainer)."""
-    if any("reference" not in t.extra for t in trajs):
+    if any(RunDir.reference_of(t) is None for t in trajs):
         raise ConfigError("these rollouts carry no task references to re-score against")
     scores = rewards_pkg.score_batch(
         rewards_pkg.get(verifier),
         [
             rewards_pkg.Sample(
-                tok.decode(t.prompt_ids), tok.decode(t.response_ids), t.extra["reference"]
+                tok.decode(t.prompt_ids), tok.decode(t.response_ids), RunDir.reference_of(t)
             )
             for t in trajs
         ],

@@ -1,4 +1,9 @@
-"""A run directory: who owns it, and whether a new run may start in it.
+"""A run directory: its layout, who owns it, and whether a new run may start in it.
+
+`RunDir(path)` is the one place a run's paths are spelled (the resolved config, the Parquet
+rollouts, the checkpoints and which one holds a weight version, the MLflow store and the
+metrics files) and where a trajectory's task reference is kept; the trainer, replay, inspect,
+plot, tracking and checkpoint code ask it instead of joining paths themselves.
 
 One live `keeprl train` owns a run directory at a time. Ownership is an exclusive `flock` on
 `<run>/.keeprl.lock`, held for the whole run: the kernel drops it when the process ends, by
@@ -20,11 +25,114 @@ import json
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 LOCK_FILE = ".keeprl.lock"
 CONFIG_FILE = "config.yaml"
+CHECKPOINT_PREFIX = "step_"
+REFERENCE_KEY = "reference"  # Trajectory.extra key of the task's reference answer
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of one run directory (see the module docstring)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the run was started with."""
+        return self.path / CONFIG_FILE
+
+    @property
+    def rollouts(self) -> Path:
+        """The Parquet rollout store (rollout.RolloutStore), one file per step."""
+        return self.path / "rollouts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        """The checkpoint written after step `step` (0-based), whether or not it exists."""
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+    @property
+    def initial_policy(self) -> Path:
+        """Where a run that neither warm-starts (cached elsewhere) nor names model.checkpoint
+        keeps the weights it started from."""
+        return self.path / "initial_policy"
+
+    def weights(self, version: int, model_checkpoint: str | None = None) -> Path:
+        """The policy directory holding weight version `version`: the checkpoint after step
+        version - 1, or for version 0 the weights the run started from (model.checkpoint, or
+        the run's own initial policy). FileNotFoundError naming what is kept otherwise."""
+        if version == 0:
+            for candidate in (model_checkpoint, self.initial_policy):
+                if candidate and (Path(candidate) / "config.json").exists():
+                    return Path(candidate)
+            raise FileNotFoundError(
+                f"{self.path}: the initial policy is not stored with the run (a cached "
+                "warm-start); use model.checkpoint or a later step"
+            )
+        path = self.checkpoint(version - 1) / "policy"
+        if not (path / "config.json").exists():
+            kept = sorted(p.name for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*"))
+            raise FileNotFoundError(
+                f"{self.path}: no checkpoint with weight version {version} "
+                f"({self.checkpoint(version - 1).name}); kept: {kept or 'none'}. The weights "
+                "that sampled a step are kept only with checkpoint.every=1 and a large enough "
+                "checkpoint.keep_last"
+            )
+        return path
+
+    @property
+    def mlflow_store(self) -> Path:
+        """The default local MLflow store (tracking.mlflow_uri unset)."""
+        return self.path / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.path / "mlartifacts"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        """The file holding the id of the run's MLflow run."""
+        return self.path / "mlflow_run_id"
+
+    @property
+    def pending_metrics(self) -> Path:
+        """Metrics of the steps no checkpoint covers yet, one JSON line a step."""
+        return self.path / "metrics.pending.jsonl"
+
+    @property
+    def committed_metrics(self) -> Path:
+        """The last step whose metrics MLflow holds."""
+        return self.path / "metrics.committed"
+
+    @property
+    def sending_metrics(self) -> Path:
+        """Present while (or since a crash during) a send of metrics to MLflow."""
+        return self.path / "metrics.sending"
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "curves.png"
+
+    @staticmethod
+    def attach_reference(trajectory: Any, reference: dict[str, Any]) -> None:
+        """Store the task's reference answer with a trajectory (so replay can re-score)."""
+        trajectory.extra[REFERENCE_KEY] = reference
+
+    @staticmethod
+    def reference_of(trajectory: Any) -> dict[str, Any] | None:
+        """The task reference a trajectory was stored with, or None."""
+        return trajectory.extra.get(REFERENCE_KEY)
 
 
 class RunDirError(ValueError):

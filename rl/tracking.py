@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from .faults import crash_point
-
-STORE_FILE = "mlflow.db"  # the default local store, in the run directory
-RUN_ID_FILE = "mlflow_run_id"
+from .run_dir import RunDir
 
 
 def local_store_uri(run_dir: str | Path) -> str:
     """The tracking URI of a run directory's default local store."""
-    return f"sqlite:///{(Path(run_dir) / STORE_FILE).resolve()}"
+    return f"sqlite:///{RunDir(run_dir).mlflow_store.resolve()}"
 
 
 class Tracker:
@@ -53,9 +51,11 @@ class Tracker:
 
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.pending = self.dir / "metrics.pending.jsonl"
-        self.committed_file = self.dir / "metrics.committed"
-        self.sending_file = self.dir / "metrics.sending"
+        layout = RunDir(self.dir)
+        self.pending = layout.pending_metrics
+        self.committed_file = layout.committed_metrics
+        self.sending_file = layout.sending_metrics
+        self.id_file = layout.mlflow_run_id
         # A client, not mlflow's module-level "active run", so several trackers (and the
         # user's own MLflow use) can share a process. Default: a local SQLite store in the
         # run directory (MLflow's file store is frozen).
@@ -65,17 +65,16 @@ class Tracker:
             exp.experiment_id
             if exp
             else self.client.create_experiment(
-                experiment, artifact_location=(self.dir / "mlartifacts").resolve().as_uri()
+                experiment, artifact_location=layout.mlflow_artifacts.resolve().as_uri()
             )
         )
-        id_file = self.dir / RUN_ID_FILE
-        if id_file.exists():
-            self.run_id = id_file.read_text().strip()
+        if self.id_file.exists():
+            self.run_id = self.id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             name = run_name or self.dir.resolve().name
             self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
-            _atomic_write(id_file, self.run_id)
+            _atomic_write(self.id_file, self.run_id)
 
     @property
     def committed(self) -> int:
@@ -178,7 +177,7 @@ class Tracker:
             self.client.log_batch(new_id, metrics=metrics[i : i + 1000])
         self.client.set_tag(self.run_id, "keeprl.superseded_by", new_id)
         self.client.set_terminated(self.run_id, status="FAILED")
-        _atomic_write(self.dir / RUN_ID_FILE, new_id)
+        _atomic_write(self.id_file, new_id)
         _atomic_write(self.committed_file, str(step))
         self.run_id = new_id
 

@@ -31,11 +31,11 @@ from rollout import Sampling
 from rollout.store import RolloutStore
 
 from . import checkpoint as ckpt
-from . import run_dir
 from .batch import Batch
 from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
 from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
+from .run_dir import RunDir, RunDirError, RunLock, check_start, clear
 from .tasks import TaskStream
 from .tokenizer import CharTokenizer
 from .tracking import Tracker
@@ -100,7 +100,7 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path
         # warm_start() adds the stage settings (w) to the cache key itself.
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "data": asdict(cfg.data)}
         return warm_start(model, stream, tok, config=w, settings=settings)
-    path = run / "initial_policy"
+    path = RunDir(run).initial_policy
     if not (path / "config.json").exists():
         save_pretrained(model, path)
     return path
@@ -204,10 +204,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     RunDirError) comes before anything is written."""
     preflight(cfg)
     run = Path(cfg.trainer.output_dir)
-    run_dir.check_start(run, resume=resume, overwrite=overwrite)
-    with run_dir.RunLock(run):
-        run_dir.check_start(run, resume=resume, overwrite=overwrite)  # now it counts
-        cfg_file = run / run_dir.CONFIG_FILE
+    check_start(run, resume=resume, overwrite=overwrite)
+    with RunLock(run):
+        check_start(run, resume=resume, overwrite=overwrite)  # now it counts
+        cfg_file = RunDir(run).config
         state, learner_state, last = ckpt.RunState(-1, 0, 0, {}), None, None
         if resume:
             _check_resume(cfg, cfg_file)
@@ -225,7 +225,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
                     f"completed {state.step + 1} steps; raise it to extend the run"
                 )
         elif overwrite:
-            run_dir.clear(run)
+            clear(run)
         if state.step + 1 == cfg.trainer.total_steps:
             print(f"keeprl train: {run} has completed all {state.step + 1} steps; nothing to do")
             return run
@@ -256,7 +256,7 @@ def _train(
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
-    store = RolloutStore(run / "rollouts")
+    store = RolloutStore(RunDir(run).rollouts)
     store.clean_temp_files()
     store.discard_after(state.step)
     tracker = Tracker(
@@ -289,7 +289,7 @@ def _train(
                 _checkpoint(learner, run, run_state, cfg.checkpoint.keep_last)
                 crash_point("checkpoint_written", step)
                 tracker.commit(step)
-        tracker.log_artifact(run / "config.yaml")
+        tracker.log_artifact(RunDir(run).config)
         tracker.log_artifact(store.directory, "rollouts")
         try:  # the curves are a convenience: failing to draw them must not fail a finished run
             from .plot import plot_run
@@ -416,7 +416,7 @@ def _step(
     )
     rollout_s = time.perf_counter() - start
     for t in trajs:  # stored with the rollouts, so `keeprl replay --verifier` can re-score
-        t.extra["reference"] = tasks[t.prompt_index].reference
+        RunDir.attach_reference(t, tasks[t.prompt_index].reference)
     samples = [
         rewards_pkg.Sample(
             tasks[t.prompt_index].prompt,
@@ -491,7 +491,7 @@ def main(args: Any) -> int:
     except ConfigError as e:
         print(f"keeprl train: config error: {e}", file=sys.stderr)
         return 2
-    except run_dir.RunDirError as e:
+    except RunDirError as e:
         print(f"keeprl train: {e}", file=sys.stderr)
         return 2
     except ckpt.CheckpointError as e:
@@ -515,6 +515,7 @@ def main(args: Any) -> int:
         )
         return 1
     print(f"run directory: {run}")
-    if (run / "curves.png").exists():
-        print(f"reward and KL curves: {run / 'curves.png'}")
+    curves = RunDir(run).curves
+    if curves.exists():
+        print(f"reward and KL curves: {curves}")
     return 0

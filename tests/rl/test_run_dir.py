@@ -100,3 +100,34 @@ def test_a_dead_holders_pid_is_not_trusted(tmp_path):
     (tmp_path / LOCK_FILE).write_text('{"pid": 1, "host": "elsewhere"}')
     with RunLock(tmp_path):
         assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_FILE).read_text()
+
+
+def test_the_layout_and_which_checkpoint_holds_a_weight_version(tmp_path):
+    from rl.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    assert run.checkpoint(7) == tmp_path / "checkpoints" / "step_000007"
+    assert run.rollouts == tmp_path / "rollouts" and run.config == tmp_path / "config.yaml"
+    with pytest.raises(FileNotFoundError, match="initial policy is not stored"):
+        run.weights(0)
+    (run.checkpoint(2) / "policy").mkdir(parents=True)
+    (run.checkpoint(2) / "policy" / "config.json").write_text("{}")
+    assert run.weights(3) == run.checkpoint(2) / "policy"  # sampled after step 2 ended
+    with pytest.raises(
+        FileNotFoundError, match=r"weight version 2 \(step_000001\); kept: \['step_000002'\]"
+    ):
+        run.weights(2)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    assert run.weights(0, str(tmp_path / "base")) == tmp_path / "base"
+
+
+def test_a_trajectorys_task_reference():
+    from types import SimpleNamespace
+
+    from rl.run_dir import RunDir
+
+    t = SimpleNamespace(extra={})
+    assert RunDir.reference_of(t) is None
+    RunDir.attach_reference(t, {"answer": "7"})
+    assert RunDir.reference_of(t) == {"answer": "7"}

@@ -18,9 +18,9 @@ import pytest
 from rl import checkpoint as ckpt
 from rl.cli import main as cli
 from rl.config import load_config
-from rl.run_dir import RunLock
+from rl.run_dir import RunDir, RunLock
 from rl.tokenizer import CharTokenizer
-from rl.tracking import RUN_ID_FILE, Tracker, local_store_uri
+from rl.tracking import Tracker, local_store_uri
 from rollout import RolloutStore
 
 CONFIG = "configs/native-sparse.yaml"
@@ -319,7 +319,7 @@ def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path, small_run):
     assert "Traceback" not in err and "interrupted; `--resume` continues" in err
     from mlflow.tracking import MlflowClient
 
-    run_id = (run / RUN_ID_FILE).read_text().strip()
+    run_id = RunDir(run).mlflow_run_id.read_text().strip()
     assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "KILLED"
 
 
@@ -340,7 +340,7 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch, small_run):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="out of memory"):
         trainer.train(load_config(CONFIG, small_run(run, tmp_path / "cache", 3)))
-    run_id = (run / RUN_ID_FILE).read_text().strip()
+    run_id = RunDir(run).mlflow_run_id.read_text().strip()
     assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "FAILED"
     assert RolloutStore(run / "rollouts").steps() == [0]  # what was done stays
     with RunLock(run):  # and the directory is free again
