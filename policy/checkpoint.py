@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -57,6 +58,73 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, t
 
 
+def keeps_float32(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor keeps its own dtype whatever the checkpoint's: the MoE selection bias
+    (`*.e_score_correction_bias`, float32 in the released checkpoint: in bf16 it would round
+    away the small differences that pick the experts) and non-float tensors."""
+    return name.endswith("correction_bias") or not tensor.is_floating_point()
+
+
+def serving_tensors(
+    tensors: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor cast to `dtype` (None: as is) unless keeps_float32, on the CPU)."""
+    for name, t in tensors:
+        if dtype is not None and not keeps_float32(name, t):
+            t = t.to(dtype)
+        yield name, t.detach().to("cpu")
+
+
+def dense_equivalent_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the dense DeepSeek-V3 model a DSA checkpoint equals while every sequence
+    fits index_topk (the indexer then selects every key). Engines pick sparse attention by the
+    presence of `index_*` keys, so they go."""
+    out = {k: v for k, v in config.items() if not k.startswith("index")}
+    out.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    return out
+
+
+def weight_files(directory: str | Path) -> dict[str, list[str]]:
+    """The checkpoint's safetensors files -> the tensor names each holds (from the index when
+    there is one). FileNotFoundError when the directory has neither layout."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.exists():
+        files: dict[str, list[str]] = {}
+        for name, fname in json.loads(index.read_text())["weight_map"].items():
+            files.setdefault(fname, []).append(name)
+        return files
+    single = directory / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with _damage_named(single), safe_open(single, framework="pt") as f:
+        return {SINGLE_FILE: list(f.keys())}
+
+
+def checkpoint_files(directory: str | Path) -> list[str]:
+    """Every file a checkpoint's weights are made of: the safetensors files and the index."""
+    names = sorted(weight_files(directory))
+    return names + [INDEX_FILE] if (Path(directory) / INDEX_FILE).exists() else names
+
+
+def tensor_names(directory: str | Path) -> set[str]:
+    """The HF names of every tensor in a checkpoint directory."""
+    return {name for names in weight_files(directory).values() for name in names}
+
+
+def checkpoint_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every tensor of a checkpoint directory, file by file."""
+    directory = Path(directory)
+    for fname in weight_files(directory):
+        with (
+            _damage_named(directory / fname),
+            safe_open(directory / fname, framework="pt", device="cpu") as f,
+        ):
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
 def save_pretrained(
     model: Transformer,
     directory: str | Path,
@@ -64,17 +132,15 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Write config.json and safetensors weights (cast to `dtype` if given; the MoE selection
-    bias always stays float32) to `directory`. Returns the directory."""
+    """Write config.json and safetensors weights (cast to `dtype` if given, but see
+    keeps_float32) to `directory`. Returns the directory."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in hf_tensors(model):
-        if dtype is not None and t.is_floating_point() and not name.endswith("correction_bias"):
-            t = t.to(dtype)
-        t = t.detach().to("cpu").contiguous().clone()  # safetensors refuses shared storage
+    for name, t in serving_tensors(hf_tensors(model), dtype):
+        t = t.contiguous().clone()  # safetensors refuses shared storage
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append({})
@@ -99,21 +165,6 @@ def save_pretrained(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out
-
-
-def _weight_files(directory: Path) -> dict[str, list[str]]:
-    """File -> tensor names, from the index json when there is one."""
-    index = directory / INDEX_FILE
-    if index.exists():
-        files: dict[str, list[str]] = {}
-        for name, fname in json.loads(index.read_text())["weight_map"].items():
-            files.setdefault(fname, []).append(name)
-        return files
-    single = directory / SINGLE_FILE
-    if not single.exists():
-        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with _damage_named(single), safe_open(single, framework="pt") as f:
-        return {SINGLE_FILE: list(f.keys())}
 
 
 @contextmanager
@@ -154,7 +205,7 @@ def load_pretrained(
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     filled: set[tuple[str, int | None]] = set()
     skipped_mtp = 0
-    for fname, names in _weight_files(directory).items():
+    for fname, names in weight_files(directory).items():
         with (
             _damage_named(directory / fname),
             safe_open(directory / fname, framework="pt", device="cpu") as f,

@@ -34,15 +34,15 @@ a request keeps one row per generated token, in order.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from policy.checkpoint import checkpoint_tensors
 
 
 def _moe_runners(model: torch.nn.Module) -> dict[int, Any]:
@@ -388,22 +388,6 @@ def quiet_loggers(names: tuple[str, ...], level: int = logging.ERROR) -> Iterato
     finally:
         for lg in loggers:
             lg.removeFilter(keep)
-
-
-def checkpoint_tensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor of a safetensors checkpoint directory."""
-    from safetensors import safe_open
-
-    root = Path(directory)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    for fname in files:
-        with safe_open(root / fname, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
 
 
 def reload_weights(worker: Any, source: list[tuple[str, torch.Tensor]] | str) -> None:

@@ -72,7 +72,14 @@ import numpy as np
 import torch
 
 from policy.args import ModelArgs
-from policy.checkpoint import INDEX_FILE, SINGLE_FILE, hf_tensors
+from policy.checkpoint import (
+    SINGLE_FILE,
+    checkpoint_files,
+    dense_equivalent_config,
+    hf_tensors,
+    serving_tensors,
+    tensor_names,
+)
 
 from . import _vllm_capture as capture
 from .trajectory import Sampling, Trajectory, compact_routing
@@ -178,36 +185,6 @@ def _native_rope(compilation_config: Any) -> dict[str, Any]:
     return config
 
 
-def dense_equivalent_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json of the dense model a DSA checkpoint equals while sequences fit index_topk.
-
-    vLLM picks sparse attention by the presence of `index_topk`, so the indexer keys go.
-    """
-    out = {k: v for k, v in config.items() if not k.startswith("index")}
-    out.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
-    return out
-
-
-def _weight_file_names(directory: Path) -> list[str]:
-    if (directory / INDEX_FILE).exists():
-        index = json.loads((directory / INDEX_FILE).read_text())
-        return sorted(set(index["weight_map"].values())) + [INDEX_FILE]
-    if not (directory / SINGLE_FILE).exists():
-        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    return [SINGLE_FILE]
-
-
-def _tensor_names(directory: Path) -> set[str]:
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for fname in _weight_file_names(directory):
-        if fname != INDEX_FILE:
-            with safe_open(directory / fname, framework="pt") as f:
-                names.update(f.keys())
-    return names
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     # A hard link keeps the served bytes fixed even if the source directory is rewritten later
     # (save_pretrained replaces its files); a symlink would follow the new files.
@@ -256,7 +233,7 @@ class VLLMEngine:
         checkpoint_dir = Path(checkpoint_dir)
         self.args = ModelArgs.from_json(checkpoint_dir)
         self.config = json.loads((checkpoint_dir / "config.json").read_text())
-        self.tensor_names = _tensor_names(checkpoint_dir)
+        self.tensor_names = tensor_names(checkpoint_dir)
         self.dense = current_platform.is_cpu()
         self.weight_version = int(weight_version)
         self.tie_margin = int(tie_margin)
@@ -372,7 +349,7 @@ class VLLMEngine:
         config = dense_equivalent_config(self.config) if self.dense else self.config
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if isinstance(source, Path):
-            for fname in _weight_file_names(source):
+            for fname in checkpoint_files(source):
                 _link_or_copy(source / fname, out / fname)
         else:
             from safetensors.torch import save_file
@@ -661,10 +638,8 @@ class VLLMEngine:
         """(HF name, tensor in the serving dtype) of a policy state dict, checked for
         completeness: a missing tensor would silently keep its old value in place."""
         dtype = getattr(torch, str(self.llm_kwargs["dtype"]).removeprefix("torch."))
-        items = []
-        for name, t in hf_tensors(_StateDictView(state)):  # type: ignore[arg-type]
-            keep_fp32 = name.endswith("correction_bias") or not t.is_floating_point()
-            items.append((name, t.detach().to("cpu", None if keep_fp32 else dtype)))
+        view = _StateDictView(state)
+        items = list(serving_tensors(hf_tensors(view), dtype))  # type: ignore[arg-type]
         names = {name for name, _ in items}
         missing, unexpected = self.tensor_names - names, names - self.tensor_names
         if missing or unexpected:
@@ -684,7 +659,7 @@ class VLLMEngine:
         directory = Path(source)
         if ModelArgs.from_json(directory) != self.args:
             raise ValueError(f"update_weights: {directory} holds a different architecture")
-        names = _tensor_names(directory)
+        names = tensor_names(directory)
         if names != self.tensor_names:
             raise ValueError(
                 f"update_weights: {directory} tensors differ from the served checkpoint's: "

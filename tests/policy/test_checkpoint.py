@@ -179,3 +179,31 @@ def test_full_size_preset_on_meta():
     # 671B published (without the MTP block) plus 61 indexers of ~14M parameters each
     assert 670.5e9 < total - indexer < 671.5e9
     assert indexer == 61 * (1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64)
+
+
+@pytest.mark.parametrize("shard", ["5GB", "300KB"])
+def test_the_checkpoint_format_helpers(make_model, tmp_path, shard):
+    from policy.checkpoint import (
+        checkpoint_files,
+        checkpoint_tensors,
+        dense_equivalent_config,
+        keeps_float32,
+        tensor_names,
+        weight_files,
+    )
+
+    model = make_model()
+    path = save_pretrained(model, tmp_path, dtype=torch.bfloat16, max_shard_size=shard)
+    files = weight_files(path)
+    assert (len(files) > 1) == (shard == "300KB")
+    assert checkpoint_files(path) == sorted(files) + ([INDEX_FILE] if len(files) > 1 else [])
+    names = tensor_names(path)
+    assert names == {name for name, _ in hf_tensors(model)}
+    stored = dict(checkpoint_tensors(path))
+    assert stored.keys() == names
+    for name, t in stored.items():  # the float32 rule, as save_pretrained applied it
+        assert (t.dtype == torch.float32) == keeps_float32(name, t), name
+    assert any(keeps_float32(n, t) for n, t in stored.items())  # the selection bias
+    dense = dense_equivalent_config(json.loads((path / "config.json").read_text()))
+    assert dense["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert not any(k.startswith("index") for k in dense)

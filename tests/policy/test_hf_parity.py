@@ -13,6 +13,7 @@ import json
 import torch
 
 from policy import save_pretrained
+from policy.checkpoint import dense_equivalent_config
 from policy.testing import tiny_policy
 
 
@@ -25,9 +26,7 @@ def test_matches_transformers_deepseek_v3(tmp_path):
             if p.dim() >= 2:
                 p.mul_(5.0)
     save_pretrained(model, tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("index")}  # the dense equivalent
-    cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    cfg = dense_equivalent_config(json.loads((tmp_path / "config.json").read_text()))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     hf = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), dtype=torch.float32, attn_implementation="eager"
