@@ -34,6 +34,9 @@ What is recorded, per response token (see rollout.trajectory):
   hook (rollout/_vllm_capture.py); on GPUs through vLLM's `enable_return_routed_experts`
   (untested here: no GPU). Prefix caching is forced off (cached tokens have no routing).
 
+Turning vLLM's outputs and the captures into Trajectory records, with every check that the
+record is what vLLM did, is rollout/vllm_records.py (no vLLM import; tested on its own).
+
 Weight updates: in place (vLLM's reload plus the CPU expert repacking it skips; proven
 bit-identical to a fresh engine by tests/rollout/test_vllm_engine.py), falling back to an
 engine rebuild (drop it, build anew on the new weights) if the in-place route raises.
@@ -82,7 +85,8 @@ from policy.checkpoint import (
 )
 
 from . import _vllm_capture as capture
-from .trajectory import Sampling, Trajectory, compact_routing
+from . import vllm_records as records
+from .trajectory import Sampling, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -411,18 +415,23 @@ class VLLMEngine:
         if self._from_sampler(sampling):
             packed = self._rpc("keeprl_collect_sampled", ids)
             sampled = {key: [capture.unpack(p) for p in value] for key, value in packed.items()}
+        spec = records.RecordSpec(self.args, self.dense, self.tie_margin)
         trajectories = [
-            self._trajectory(
-                k // n,
+            records.trajectory(
                 out,
-                sampling,
-                n_logprobs,
-                routing.get(out.request_id),
-                sampled.get(out.request_id),
+                spec,
+                prompt_index=k // n,
+                sampling=sampling,
+                from_sampler=self._from_sampler(sampling),
+                n_logprobs=n_logprobs,
+                routing=routing.get(out.request_id),
+                sampled=sampled.get(out.request_id),
+                engine=self.name,
+                weight_version=self.weight_version,
             )
             for k, out in enumerate(outputs)
         ]
-        self._check_routing(trajectories)
+        records.check_routing(trajectories, spec)
         return trajectories
 
     def generate_plain(
@@ -464,174 +473,6 @@ class VLLMEngine:
             from_sampler = record and self._from_sampler(sampling)
             self._rpc("keeprl_set_record_sampled", from_sampler, sampling.truncated)
         return self.llm.generate(requests, params, use_tqdm=False)
-
-    def _trajectory(
-        self,
-        prompt_index: int,
-        out: Any,
-        sampling: Sampling,
-        n_logprobs: int | None,
-        routing: np.ndarray | None,
-        sampled: list[np.ndarray] | None,
-    ) -> Trajectory:
-        completion = out.outputs[0]
-        response = list(completion.token_ids)
-        if completion.finish_reason not in ("stop", "length"):
-            raise RuntimeError(
-                f"request {out.request_id} ended with finish_reason={completion.finish_reason!r}"
-            )
-        if routing is None and self.dense:
-            raise RuntimeError(f"request {out.request_id}: routing capture returned nothing")
-        if self._from_sampler(sampling):
-            logprobs, kept = self._sampler_record(out.request_id, completion, sampling, sampled)
-        else:
-            logprobs, kept = self._decode_logprobs(
-                out.request_id, completion, sampling, n_logprobs or 0
-            )
-        if routing is None:
-            routing = self._returned_routing(out.request_id, completion)
-        return Trajectory(
-            prompt_ids=list(out.prompt_token_ids),
-            response_ids=response,
-            logprobs=logprobs,
-            routing=compact_routing(routing),
-            kept_ids=kept,
-            sampling=sampling,
-            finish_reason=completion.finish_reason,
-            engine=self.name,
-            weight_version=self.weight_version,
-            prompt_index=prompt_index,
-            extra={"request_id": out.request_id},
-        )
-
-    def _decode_logprobs(
-        self,
-        request_id: str,
-        completion: Any,
-        sampling: Sampling,
-        n_logprobs: int,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """pi_old [R] and the kept ids of each position from vLLM's flat log-probs (greedy on
-        CPU; GPUs).
-
-        Each position holds 1 + n_logprobs entries: the sampled token first, then the top
-        n_logprobs (which may repeat it), -inf where top-k/top-p cut.
-        """
-        flat = completion.logprobs
-        response = np.asarray(completion.token_ids, dtype=np.int64)
-        if flat is None or len(flat.start_indices) != len(response):
-            raise RuntimeError(f"request {request_id}: vLLM returned no log-prob per token")
-        width = 1 + n_logprobs
-        if np.any(np.subtract(flat.end_indices, flat.start_indices) != width):
-            raise RuntimeError(f"request {request_id}: expected {width} log-probs per token")
-        ids = np.asarray(flat.token_ids, dtype=np.int64).reshape(-1, width)
-        values = np.asarray(flat.logprobs, dtype=np.float64).reshape(-1, width)
-        bad = (ids[:, 0] != response) | ~np.isfinite(values[:, 0])
-        if bad.any():
-            t = int(np.argmax(bad))
-            raise RuntimeError(
-                f"request {request_id}, response position {t}: vLLM returned no finite "
-                f"log-prob for the sampled token {int(response[t])}"
-            )
-        pi_old = values[:, 0].astype(np.float32)
-        if not sampling.truncated:
-            return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
-        finite = np.isfinite(values[:, 1:])
-        if n_logprobs < self.args.vocab_size and finite.all(axis=1).any():
-            t = int(np.argmax(finite.all(axis=1)))
-            raise RuntimeError(
-                f"request {request_id}, response position {t}: all {n_logprobs} returned "
-                f"log-probs are finite, so top-k ties may have kept more tokens than were "
-                f"returned; raise tie_margin (now {self.tie_margin})"
-            )
-        top = ids[:, 1:]
-        inside = ((top == response[:, None]) & finite).any(axis=1)
-        if not inside.all():  # impossible unless vLLM's sampler and log-probs disagree
-            t = int(np.argmin(inside))
-            raise RuntimeError(
-                f"request {request_id}, position {t}: sampled token {int(response[t])} is "
-                "outside the recorded kept set"
-            )
-        # Ascending kept ids first in each row (the cut entries sort last as `vocab`).
-        ordered = np.sort(np.where(finite, top, self.args.vocab_size), axis=1).astype(np.int32)
-        return pi_old, [ordered[t, :c] for t, c in enumerate(finite.sum(axis=1).tolist())]
-
-    @staticmethod
-    def _sampler_record(
-        request_id: str, completion: Any, sampling: Sampling, sampled: list[np.ndarray] | None
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """pi_old [R] and the kept ids of each position from the sampler hook's record
-        (tokens, pi_old[, flat kept ids, kept-set sizes]), checked against vLLM's output."""
-        if sampled is None:
-            raise RuntimeError(f"request {request_id}: the sampler capture returned nothing")
-        response = np.asarray(completion.token_ids, dtype=np.int64)
-        tokens, pi_old = sampled[0], sampled[1]
-        if not np.array_equal(tokens, response):
-            raise RuntimeError(
-                f"request {request_id}: the sampler recorded {len(tokens)} tokens that differ "
-                f"from the {len(response)} vLLM returned"
-            )
-        if not np.isfinite(pi_old).all():
-            t = int(np.argmin(np.isfinite(pi_old)))
-            raise RuntimeError(
-                f"request {request_id}, response position {t}: the sampled token's processed "
-                "log-prob is not finite"
-            )
-        if not sampling.truncated:
-            return pi_old, [np.empty(0, dtype=np.int32) for _ in range(len(response))]
-        if len(sampled) != 4:
-            raise RuntimeError(f"request {request_id}: the sampler recorded no kept sets")
-        flat, counts = sampled[2], sampled[3]
-        if len(counts) != len(response) or int(counts.sum()) != len(flat):
-            raise RuntimeError(f"request {request_id}: the recorded kept sets do not add up")
-        # Each token must be in its own kept set: count the matches per position.
-        position = np.repeat(np.arange(len(response)), counts)
-        found = np.bincount(position[flat == response[position]], minlength=len(response))
-        if not found.all():
-            t = int(np.argmin(found))
-            raise RuntimeError(
-                f"request {request_id}, position {t}: sampled token {int(response[t])} is "
-                "outside the recorded kept set"
-            )
-        kept = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
-        return pi_old, kept
-
-    def _returned_routing(self, request_id: str, completion: Any) -> np.ndarray:
-        """Routing from vLLM's own recorder (GPU, Model Runner V2). Untested here."""
-        routed = getattr(completion, "routed_experts", None)
-        if routed is None:
-            raise RuntimeError(f"request {request_id}: vLLM returned no routed experts")
-        routed = np.asarray(routed)
-        if routed.shape[1] == self.args.num_hidden_layers:  # dense layers' rows are unused
-            routed = routed[:, self.args.first_k_dense_replace :]
-        return routed
-
-    def _check_routing(self, trajectories: list[Trajectory]) -> None:
-        """Fail loudly on routing that cannot be what the model did."""
-        args = self.args
-        shape = (args.n_moe_layers, args.num_experts_per_tok)
-        any_nonzero = False
-        for i, traj in enumerate(trajectories):
-            r = traj.routing
-            # The final token is never forwarded on CPU; vLLM's own recorder may count it.
-            rows = (traj.num_tokens - 1,) if self.dense else (traj.num_tokens - 1, traj.num_tokens)
-            if r.shape[0] not in rows or r.shape[1:] != shape:
-                raise RuntimeError(
-                    f"trajectory {i}: routing shape {r.shape}, expected "
-                    f"({traj.num_tokens - 1}, {shape[0]}, {shape[1]})"
-                )
-            if r.size and (int(r.min()) < 0 or int(r.max()) >= args.n_routed_experts):
-                raise RuntimeError(f"trajectory {i}: routing holds ids outside the experts")
-            if shape[1] > 1 and r.size:
-                ordered = np.sort(r, axis=-1)
-                if (ordered[..., 1:] == ordered[..., :-1]).any():
-                    raise RuntimeError(
-                        f"trajectory {i}: a token was routed to the same expert twice "
-                        "(an unwritten capture buffer?)"
-                    )
-            any_nonzero = any_nonzero or bool(r.any())
-        if trajectories and not any_nonzero:
-            raise RuntimeError("routing capture returned all zeros")
 
     # ---- weights -------------------------------------------------------------------------
     def _hf_items(self, state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
