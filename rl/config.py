@@ -113,23 +113,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How rollouts sample (vLLM's meaning); the kept set of top-k/top-p is recorded."""
-
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0  # 1: no nucleus cut
-    top_k: int = 0  # 0: no top-k cut
-    max_tokens: int = 16  # response tokens at most
-
-
-@dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     """The rollout workers (Ray actors) and what they generate."""
 
     engine: Literal["native", "vllm"] = "native"  # the policy itself, or vLLM
     workers: int = 1  # rollout worker actors; prompts are sharded across them
     samples_per_prompt: int = 8  # G, the group size
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: Sampling = field(default_factory=Sampling)  # rollout.Sampling itself
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the engine
 
 
@@ -222,10 +212,11 @@ def _check(cfg: ExperimentConfig) -> None:
             "rollout.samples_per_prompt must be >= 2: GRPO's advantage compares "
             "samples of one prompt"
         )
-    try:  # the engines' own checks, stated as config keys
-        Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
-    except ValueError as e:
-        raise ConfigError(f"rollout.sampling.{e}") from None
+    if s.seed is not None:
+        raise ConfigError(
+            "rollout.sampling.seed: each step samples with a seed derived from trainer.seed "
+            "and the step; set trainer.seed instead"
+        )
     if cfg.rewards.timeout_s <= 0:
         raise ConfigError(f"rewards.timeout_s must be > 0 seconds, got {cfg.rewards.timeout_s}")
     if cfg.rewards.workers < 0:
@@ -293,7 +284,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, origin):
             raise ConfigError(f"{path}: expected a {origin.__name__}, got {value!r}")
         return value
-    if origin is tuple:  # fixed-length, e.g. optim.betas: [0.9, 0.95]
+    if origin is tuple:  # optim.betas: [0.9, 0.95]; rollout.sampling.stop_token_ids: [2, 7]
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{path}: expected a list, got {value!r}")
+            args = (args[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
         pairs = enumerate(zip(value, args, strict=True))

@@ -9,6 +9,7 @@ step; resuming deletes rollouts logged after it and keeps MLflow to the committe
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import errno
 import hashlib
@@ -17,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import yaml
 import rewards as rewards_pkg
 from policy import ModelArgs, Transformer, load_pretrained, preset, save_pretrained
 from rewards.worker import remote_worker
-from rollout import Sampling
 from rollout.store import RolloutStore
 
 from . import checkpoint as ckpt
@@ -98,7 +97,8 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path
             cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs
         )
         # warm_start() adds the stage settings (w) to the cache key itself.
-        settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "data": asdict(cfg.data)}
+        data = dataclasses.asdict(cfg.data)
+        settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "data": data}
         return warm_start(model, stream, tok, config=w, settings=settings)
     path = RunDir(run).initial_policy
     if not (path / "config.json").exists():
@@ -126,7 +126,7 @@ def preflight(cfg: ExperimentConfig) -> None:
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
         except TypeError as e:
-            names = [f.name for f in fields(ModelArgs)]
+            names = [f.name for f in dataclasses.fields(ModelArgs)]
             bad = [k for k in cfg.model.overrides if k not in names]
             if not bad:
                 raise ConfigError(f"model.overrides: {e}") from None
@@ -399,14 +399,11 @@ def _step(
     import ray
 
     tasks = stream.take(cfg.data.prompts_per_step)
-    s = cfg.rollout.sampling
-    sampling = Sampling(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        max_tokens=s.max_tokens,
+    stops = cfg.rollout.sampling.stop_token_ids
+    sampling = dataclasses.replace(
+        cfg.rollout.sampling,
         seed=_seed(cfg, step),
-        stop_token_ids=(tok.eos_id,),
+        stop_token_ids=stops if tok.eos_id in stops else (*stops, tok.eos_id),
     )
     start = time.perf_counter()
     trajs = pool.generate(

@@ -20,12 +20,12 @@ class Sampling:
     """Sampling parameters, vLLM's meaning. top_k <= 0 and top_p == 1 disable truncation;
     temperature 0 is greedy. stop_token_ids end a response (the stop token is kept)."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 64
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: no nucleus cut
+    top_k: int = 0  # <= 0: no top-k cut
+    max_tokens: int = 64  # response tokens at most
+    seed: int | None = None  # None: fresh entropy (keeprl train sets one per step)
+    stop_token_ids: tuple[int, ...] = ()  # end a response (kept); keeprl train adds the EOS
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

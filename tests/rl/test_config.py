@@ -134,3 +134,14 @@ def test_the_readme_documents_every_key_once():
     assert shown == reference(), "README's configuration section is stale: python -m rl.config_doc"
     keys = [key for key, _, _ in rows()]
     assert len(keys) == len(set(keys)) and all(shown.count(f"| `{k}` |") == 1 for k in keys)
+
+
+def test_rollout_sampling_is_the_engines_sampling(tmp_path):
+    from rollout import Sampling
+
+    cfg = load_config(_write(tmp_path), ["rollout.sampling.stop_token_ids=[3, 9]"])
+    assert type(cfg.rollout.sampling) is Sampling and cfg.rollout.sampling.stop_token_ids == (3, 9)
+    with pytest.raises(ConfigError, match="rollout.sampling.seed: .* set trainer.seed instead"):
+        load_config(_write(tmp_path), ["rollout.sampling.seed=3"])
+    with pytest.raises(ConfigError, match=r"stop_token_ids\[1\]: expected int"):
+        load_config(_write(tmp_path), ["rollout.sampling.stop_token_ids=[3, x]"])
