@@ -35,7 +35,9 @@ What is recorded, per response token (see rollout.trajectory):
   (untested here: no GPU). Prefix caching is forced off (cached tokens have no routing).
 
 Turning vLLM's outputs and the captures into Trajectory records, with every check that the
-record is what vLLM did, is rollout/vllm_records.py (no vLLM import; tested on its own).
+record is what vLLM did, is rollout/vllm_records.py (no vLLM import; tested on its own); the
+worker-side hooks are rollout/_vllm_capture.py. What stays here (somewhat over the style
+guide's ~500 lines) is one class: vLLM's lifecycle, serving directories and weight updates.
 
 Weight updates: in place (vLLM's reload plus the CPU expert repacking it skips; proven
 bit-identical to a fresh engine by tests/rollout/test_vllm_engine.py), falling back to an
