@@ -120,6 +120,16 @@ def preflight(cfg: ExperimentConfig) -> None:
         path = Path(cfg.model.checkpoint).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.checkpoint: {path} holds no config.json")
+        try:  # the released DeepSeek-V3.2 layout; unknown architectural keys are named
+            args = ModelArgs.from_json(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.checkpoint: {e}") from None
+        if (path / "tokenizer.json").exists():
+            raise ConfigError(
+                f"model.checkpoint: {path} brings its own tokenizer (tokenizer.json, vocab "
+                f"{args.vocab_size}); keeprl train still tokenizes with its built-in character "
+                "tokenizer, so it cannot train such a checkpoint yet"
+            )
     else:
         try:
             preset(cfg.model.preset, **cfg.model.overrides)

@@ -359,3 +359,36 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli(["train", CONFIG, f"trainer.output_dir={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device writing" in err, err
+
+
+def test_the_deepseek_config_validates_and_says_what_it_cannot_run_yet(
+    tmp_path, capsys, monkeypatch
+):
+    """configs/deepseek-v3.2-math.yaml against the released checkpoint's layout (its
+    config.json, no weights): it loads, the checkpoint's config is read strictly, and what
+    keeprl cannot run yet is one line at start, before anything is written."""
+    from policy.testing import RELEASED_CONFIG
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    ckpt_dir, data = tmp_path / "DeepSeek-V3.2", tmp_path / "train.jsonl"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "config.json").write_text(json.dumps(RELEASED_CONFIG))
+    data.write_text(json.dumps({"prompt": "1+1=", "reference": {"answer": "2"}}) + "\n")
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "configs/deepseek-v3.2-math.yaml",
+        f"model.checkpoint={ckpt_dir}",
+        f"data.path={data}",
+        f"trainer.output_dir={run}",
+    ]
+    (ckpt_dir / "tokenizer.json").write_text("{}")
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot train such a checkpoint yet" in err, err
+    assert "vocab 129280" in err and not run.exists()
+    (ckpt_dir / "tokenizer.json").unlink()
+    (ckpt_dir / "config.json").write_text(json.dumps(dict(RELEASED_CONFIG, index_top_k=1024)))
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "index_top_k" in err and "index_topk" in err, err
