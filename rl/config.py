@@ -39,6 +39,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields to change
     checkpoint: str | None = None  # start from these weights instead (save_pretrained dir)
     dtype: Literal["float32", "bfloat16"] = "float32"  # the learner's parameters
+    # "auto": model.checkpoint's own tokenizer.json if it has one, else the character
+    # tokenizer of the built-in tasks; "char"; or a directory holding a tokenizer.json
+    tokenizer: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

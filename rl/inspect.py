@@ -7,7 +7,8 @@ and response, then one row per response token: its id and text, pi_old (the samp
 log-prob under the truncated distribution), the kept set top-k/top-p left at that position,
 and the experts each MoE layer routed the position that produced it to (routing row
 len(prompt) - 1 + t for response token t). The source is a run directory (`<run>/rollouts`)
-or a single step file. Tokens are decoded with `CharTokenizer`, the tokenizer the trainer uses.
+or a single step file. Tokens are decoded with the run's tokenizer (its config.yaml's
+`model.tokenizer`; the character tokenizer for a step file outside a run directory).
 
 The report is built as a plain dict first and the text is rendered from it, so `--json`
 writes exactly what is printed (with the full kept sets rather than their first few tokens).
@@ -21,12 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rollout.store import RolloutFileError, RolloutStore, StepRollouts, read_file
 from rollout.trajectory import Trajectory
 
 from .cli import output_file_problem, write_output
+from .config import ExperimentConfig, build
 from .run_dir import RunDir
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
 DEFAULT_LIMIT = 8  # trajectories shown when no --index is given; a step may hold hundreds
 KEPT_SHOWN = 5  # kept tokens decoded per row of the text table; the JSON has all of them
@@ -34,6 +38,19 @@ KEPT_SHOWN = 5  # kept tokens decoded per row of the text table; the JSON has al
 
 class InspectError(ValueError):
     """A source, step or index that does not exist; the message says what does."""
+
+
+def run_tokenizer(step_file: Path) -> Tokenizer:
+    """The tokenizer of the run a step file belongs to (`<run>/rollouts/step_N.parquet`):
+    its config's choice, or the character tokenizer outside a run directory."""
+    run = RunDir(step_file.resolve().parent.parent)
+    if not run.config.exists():
+        return CharTokenizer()
+    try:
+        cfg = build(ExperimentConfig, yaml.safe_load(run.config.read_text()))
+        return load_tokenizer(cfg.model)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise InspectError(f"{run.config}: cannot build the run's tokenizer: {e}") from None
 
 
 def load_step(source: str | Path, step: int | None) -> tuple[Path, StepRollouts]:
@@ -77,7 +94,7 @@ def _spans(steps: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def token_text(tok: CharTokenizer, token_id: int) -> str:
+def token_text(tok: Tokenizer, token_id: int) -> str:
     """One token as text; BOS, EOS and ids outside the vocabulary get a visible name, since
     the tokenizer decodes them to nothing."""
     if token_id == tok.bos_id:
@@ -93,7 +110,7 @@ def _shown(text: str) -> str:
     return text if special else repr(text)
 
 
-def _token_rows(t: Trajectory, tok: CharTokenizer) -> list[dict[str, Any]]:
+def _token_rows(t: Trajectory, tok: Tokenizer) -> list[dict[str, Any]]:
     rows = []
     n_prompt = len(t.prompt_ids)
     for pos, token_id in enumerate(t.response_ids):
@@ -115,7 +132,7 @@ def _token_rows(t: Trajectory, tok: CharTokenizer) -> list[dict[str, Any]]:
 
 
 def trajectory_report(
-    logged: StepRollouts, index: int, tok: CharTokenizer | None = None
+    logged: StepRollouts, index: int, tok: Tokenizer | None = None
 ) -> dict[str, Any]:
     """Everything inspect shows of trajectory `index` of a step, JSON-ready."""
     tok = tok or CharTokenizer()
@@ -169,7 +186,7 @@ def inspect_step(
         shown = [index]
     else:
         shown = list(range(total if limit <= 0 else min(limit, total)))
-    tok = CharTokenizer()
+    tok = run_tokenizer(path)
     return {
         "file": str(path),
         "step": logged.step,
@@ -182,7 +199,7 @@ def _number(x: float | None, fmt: str = ".3f") -> str:
     return "none" if x is None else format(x, fmt)
 
 
-def _format_trajectory(r: dict[str, Any], step: int, tok: CharTokenizer) -> list[str]:
+def _format_trajectory(r: dict[str, Any], step: int, tok: Tokenizer) -> list[str]:
     s = r["sampling"]
     layers, top_k = r["routing_shape"][1:]
     subscores = ", ".join(f"{k} {_number(v)}" for k, v in sorted(r["subscores"].items()))
@@ -220,7 +237,7 @@ def _format_trajectory(r: dict[str, Any], step: int, tok: CharTokenizer) -> list
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as text: one block per trajectory."""
-    tok = CharTokenizer()
+    tok = run_tokenizer(Path(report["file"]))
     lines = []
     shown = len(report["trajectories"])
     if shown < report["total"]:

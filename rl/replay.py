@@ -29,7 +29,7 @@ from .cli import output_file_problem, write_output
 from .config import ConfigError, ExperimentConfig, build
 from .logprobs import routing_disagreement, token_logprobs
 from .run_dir import RunDir
-from .tokenizer import CharTokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 VARIANTS = {  # name -> (keep_routing, keep_sampling_mask)
     "routing+mask": (True, True),
@@ -63,7 +63,7 @@ def replay(
         raise ConfigError(f"step {step} mixes weight versions {sorted(versions)}")
     policy = load_pretrained(_weights_for(run, cfg, versions.pop()))
     batch = Batch.from_trajectories(trajs, [r or 0.0 for r in logged.rewards], logged.group_ids)
-    tok = CharTokenizer()
+    tok = load_tokenizer(cfg.model)
     mask = batch.response_mask
     report: dict[str, Any] = {
         "run": str(run.path),
@@ -94,7 +94,7 @@ def replay(
 
 
 def _worst(
-    batch: Batch, logp: torch.Tensor, gap: torch.Tensor, tok: CharTokenizer, top: int
+    batch: Batch, logp: torch.Tensor, gap: torch.Tensor, tok: Tokenizer, top: int
 ) -> list[dict[str, Any]]:
     flat = gap.flatten().topk(min(top, int((gap > 0).sum()) or 1))
     out = []
@@ -114,7 +114,7 @@ def _worst(
     return out
 
 
-def _rescore(trajs: list, logged: Any, verifier: str, tok: CharTokenizer) -> dict[str, Any]:
+def _rescore(trajs: list, logged: Any, verifier: str, tok: Tokenizer) -> dict[str, Any]:
     """Score the logged responses again with another verifier (references are stored in each
     trajectory's `extra` by the trainer)."""
     if any(RunDir.reference_of(t) is None for t in trajs):

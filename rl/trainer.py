@@ -26,6 +26,7 @@ import yaml
 
 import rewards as rewards_pkg
 from policy import ModelArgs, Transformer, load_pretrained, preset, save_pretrained
+from policy.checkpoint import weight_files
 from rewards.worker import remote_worker
 from rollout.store import RolloutStore
 
@@ -36,7 +37,7 @@ from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
 from .run_dir import RunDir, RunDirError, RunLock, check_start, clear
 from .tasks import TaskStream
-from .tokenizer import CharTokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 from .tracking import Tracker
 from .warm_start import warm_start
 
@@ -79,16 +80,11 @@ def learner_config(cfg: ExperimentConfig) -> LearnerConfig:
     )
 
 
-def initial_policy(cfg: ExperimentConfig, run: Path, tok: CharTokenizer) -> Path:
+def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
     """The checkpoint directory RL starts from: given, warm-started (cached) or fresh."""
     if cfg.model.checkpoint:
         return Path(cfg.model.checkpoint).expanduser()
     args = preset(cfg.model.preset, **cfg.model.overrides)
-    if args.vocab_size < tok.vocab_size:
-        raise ConfigError(
-            f"model: vocab_size {args.vocab_size} < the tokenizer's "
-            f"{tok.vocab_size}; raise model.overrides.vocab_size"
-        )
     torch.manual_seed(cfg.trainer.seed)
     model = Transformer(args)
     w = cfg.warm_start
@@ -116,23 +112,23 @@ def preflight(cfg: ExperimentConfig) -> None:
     except (OSError, TypeError, ValueError) as e:
         key = "data.task_kwargs" if isinstance(e, TypeError) else "data"
         raise ConfigError(f"{key}: {e}") from None
+    if cfg.ray.learner_gpus > 1:
+        raise ConfigError(
+            f"ray.learner_gpus={cfg.ray.learner_gpus:g}: keeprl's learner is still one process "
+            "on one device (a sharded learner is not built yet); it cannot use more than 1 GPU"
+        )
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.checkpoint: {path} holds no config.json")
         try:  # the released DeepSeek-V3.2 layout; unknown architectural keys are named
             args = ModelArgs.from_json(path)
+            weight_files(path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.checkpoint: {e}") from None
-        if (path / "tokenizer.json").exists():
-            raise ConfigError(
-                f"model.checkpoint: {path} brings its own tokenizer (tokenizer.json, vocab "
-                f"{args.vocab_size}); keeprl train still tokenizes with its built-in character "
-                "tokenizer, so it cannot train such a checkpoint yet"
-            )
     else:
         try:
-            preset(cfg.model.preset, **cfg.model.overrides)
+            args = preset(cfg.model.preset, **cfg.model.overrides)
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
         except TypeError as e:
@@ -145,6 +141,18 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"unknown model field 'model.overrides.{bad[0]}'{hint}") from None
         except ValueError as e:
             raise ConfigError(f"model.overrides: {e}") from None
+    try:
+        tok = load_tokenizer(cfg.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: {e}") from None
+    if tok.vocab_size > args.vocab_size:
+        fix = "raise model.overrides.vocab_size"
+        if cfg.model.checkpoint:
+            fix = "the checkpoint and its tokenizer do not belong together"
+        raise ConfigError(
+            f"model: the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
+            f"{args.vocab_size}; {fix}"
+        )
     try:
         learner_config(cfg)
     except ValueError as e:
@@ -255,7 +263,7 @@ def _train(
     """The loop, in a run directory this process holds the lock of."""
     import ray
 
-    tok = CharTokenizer()
+    tok = load_tokenizer(cfg.model)
     policy_dir = last / "policy" if last else initial_policy(cfg, run, tok)
     started_ray = not ray.is_initialized()
     mark_process_group()
@@ -399,7 +407,7 @@ def _actors(
 def _step(
     cfg: ExperimentConfig,
     step: int,
-    tok: CharTokenizer,
+    tok: Tokenizer,
     stream: TaskStream,
     pool: Any,
     scorer: Any,
@@ -417,7 +425,7 @@ def _step(
     )
     start = time.perf_counter()
     trajs = pool.generate(
-        [[tok.bos_id, *tok.encode(t.prompt)] for t in tasks],
+        [tok.prompt_ids(t.prompt) for t in tasks],
         sampling,
         n=cfg.rollout.samples_per_prompt,
     )

@@ -54,7 +54,7 @@ def sft_batch(tasks: list[Task], tok: Tokenizer) -> tuple[torch.Tensor, torch.Te
     """input ids [B, T] and targets [B, T] (-100 outside the answer + EOS tokens)."""
     seqs, starts = [], []
     for t in tasks:
-        prompt = [tok.bos_id, *tok.encode(t.prompt)]
+        prompt = tok.prompt_ids(t.prompt)
         seqs.append(prompt + tok.encode(t.reference["answer"]) + [tok.eos_id])
         starts.append(len(prompt))
     width = max(map(len, seqs))

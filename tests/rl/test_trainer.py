@@ -365,8 +365,8 @@ def test_the_deepseek_config_validates_and_says_what_it_cannot_run_yet(
     tmp_path, capsys, monkeypatch
 ):
     """configs/deepseek-v3.2-math.yaml against the released checkpoint's layout (its
-    config.json, no weights): it loads, the checkpoint's config is read strictly, and what
-    keeprl cannot run yet is one line at start, before anything is written."""
+    config.json, no weights): it loads, what keeprl cannot run yet is one line at start, and
+    the checkpoint is read strictly; each before anything is written."""
     from policy.testing import RELEASED_CONFIG
 
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -382,13 +382,15 @@ def test_the_deepseek_config_validates_and_says_what_it_cannot_run_yet(
         f"data.path={data}",
         f"trainer.output_dir={run}",
     ]
-    (ckpt_dir / "tokenizer.json").write_text("{}")
-    assert cli(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "cannot train such a checkpoint yet" in err, err
-    assert "vocab 129280" in err and not run.exists()
-    (ckpt_dir / "tokenizer.json").unlink()
+    for extra, message in [
+        ([], "ray.learner_gpus=8: keeprl's learner is still one process on one device"),
+        (["ray.learner_gpus=1"], "neither model.safetensors nor model.safetensors.index.json"),
+    ]:
+        assert cli([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
     (ckpt_dir / "config.json").write_text(json.dumps(dict(RELEASED_CONFIG, index_top_k=1024)))
-    assert cli(args) == 2
+    assert cli([*args, "ray.learner_gpus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "index_top_k" in err and "index_topk" in err, err
+    assert not run.exists()
