@@ -27,6 +27,8 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     handler: str
+    # Options naming files the command writes: checked before the work (output_file_problem).
+    outputs: tuple[str, ...] = ()
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,16 +112,19 @@ COMMANDS: dict[str, Command] = {
         help="recompute a logged step's learner log-probs and report sampler/learner mismatch",
         add_arguments=_replay_arguments,
         handler="rl.replay",
+        outputs=("json",),
     ),
     "inspect": Command(
         help="print a logged step's trajectories token by token: pi_old, kept sets, routing",
         add_arguments=_inspect_arguments,
         handler="rl.inspect",
+        outputs=("json",),
     ),
     "plot": Command(
         help="plot a run's per-step metrics (reward, accuracy, KL) to a PNG",
         add_arguments=_plot_arguments,
         handler="rl.plot",
+        outputs=("out",),
     ),
     "train": Command(
         help="run a GRPO experiment from a YAML config",
@@ -157,8 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    command = COMMANDS[args.command]
+    for name in command.outputs:
+        problem = output_file_problem(getattr(args, name))
+        if problem:
+            print(f"keeprl {args.command}: --{name}: {problem}", file=sys.stderr)
+            return 2
     _log_to_stderr()
-    handler = importlib.import_module(COMMANDS[args.command].handler)
+    handler = importlib.import_module(command.handler)
     return handler.main(args)
 
 

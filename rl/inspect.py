@@ -27,7 +27,7 @@ import yaml
 from rollout.store import RolloutFileError, RolloutStore, StepRollouts, read_file
 from rollout.trajectory import Trajectory
 
-from .cli import output_file_problem, write_output
+from .cli import write_output
 from .config import ExperimentConfig, build
 from .run_dir import RunDir
 from .tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -253,10 +253,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     """The `keeprl inspect RUN_DIR_OR_PARQUET [--step N] [--index I] [--json OUT]` handler."""
-    problem = output_file_problem(args.json)
-    if problem:
-        print(f"keeprl inspect: --json: {problem}", file=sys.stderr)
-        return 2
     try:
         report = inspect_step(args.source, args.step, index=args.index, limit=args.limit)
     except (InspectError, RolloutFileError, OSError) as e:

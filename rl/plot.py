@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 
-from .cli import output_file_problem
 from .run_dir import RunDir
 from .tracking import local_store_uri, read_pending_rows
 
@@ -147,10 +146,6 @@ def _draw(series: dict[str, list[tuple[int, float]]], path: Path, title: str) ->
 def main(args: Any) -> int:
     """The `keeprl plot RUN_DIR [--out PNG] [--metrics a,b]` handler."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    problem = output_file_problem(args.out)
-    if problem:
-        print(f"keeprl plot: --out: {problem}", file=sys.stderr)
-        return 2
     try:
         path = plot_run(args.run_dir, args.out, metrics)
     except (PlotError, OSError) as e:

@@ -25,7 +25,7 @@ from rollout import RolloutStore
 
 from . import checkpoint as ckpt
 from .batch import Batch
-from .cli import output_file_problem, write_output
+from .cli import write_output
 from .config import ConfigError, ExperimentConfig, build
 from .logprobs import routing_disagreement, token_logprobs
 from .run_dir import RunDir
@@ -169,10 +169,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     """The `keeprl replay RUN_DIR --step N [--json OUT]` handler."""
-    problem = output_file_problem(args.json)
-    if problem:
-        print(f"keeprl replay: --json: {problem}", file=sys.stderr)
-        return 2
     try:
         report = replay(args.run_dir, args.step, verifier=args.verifier, top=args.top)
     except (ConfigError, FileNotFoundError, ValueError) as e:
