@@ -1,0 +1,73 @@
+"""The lightning-indexer scores kernel against its torch reference: ragged shapes, a KV-cache
+offset, single-key rows, exact-zero ties from the ReLU, fp32 and bf16 inputs. On the CPU the
+kernel runs in Triton's interpreter (small shapes, fp32); `pytest -m gpu` runs the compiled
+kernel, bf16 included, at DeepSeek-V3.2's indexer dims (64 heads x 128)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.indexer import indexer_scores, indexer_scores_reference
+
+
+def _inputs(b, t, s, h, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=g).to(dtype)
+    k = torch.randn(b, s, d, generator=g).to(dtype)
+    w = torch.randn(b, t, h, generator=g) * h**-0.5
+    return q.to(device), k.to(device), w.to(device)
+
+
+def _check(got, want, tol):
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf)  # the causal -inf pattern, exactly
+    torch.testing.assert_close(got[~inf], want[~inf], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    ("b", "t", "s", "offset"),
+    [(1, 16, 16, 0), (2, 37, 37, 0), (1, 5, 70, 65), (2, 1, 33, 32), (1, 70, 20, 0)],
+    ids=["square", "ragged", "cache-offset", "decode", "more-queries-than-keys"],
+)
+def test_scores_match_the_reference(device, b, t, s, offset):
+    q, k, w = _inputs(b, t, s, 4, 16, torch.float32, device)
+    got = indexer_scores(q, k, w, offset, block_t=16, block_s=16)
+    want = indexer_scores_reference(q, k, w, offset)
+    _check(got, want, 1e-4)
+    assert got[0, 0, : offset + 1].isfinite().all()  # the first query sees keys 0..offset
+
+
+def test_relu_ties_are_exact_zeros(device):
+    # Keys orthogonal to every query: every score is an exact 0 (the ties top-k must break).
+    q, k, w = _inputs(1, 16, 16, 2, 16, torch.float32, device)
+    q[..., 8:] = 0
+    k[..., :8] = 0
+    got = indexer_scores(q, k, w, block_t=16, block_s=16)
+    visible = got.isfinite()
+    assert visible.sum() == 16 * 17 // 2 and (got[visible] == 0).all()
+
+
+@pytest.mark.gpu  # Triton 3.9's interpreter returns garbage for bf16 loads on the CPU
+def test_bf16_inputs_accumulate_in_fp32():
+    q, k, w = _inputs(1, 32, 32, 4, 32, torch.bfloat16, "cuda")
+    got = indexer_scores(q, k, w, block_t=16, block_s=16)
+    # The reference upcasts the same bf16 values: only the summation order differs.
+    _check(got, indexer_scores_reference(q, k, w), 1e-3)
+
+
+def test_bad_shapes_are_refused(device):
+    q, k, w = _inputs(1, 4, 4, 2, 12, torch.float32, device)
+    with pytest.raises(ValueError, match="power of two"):
+        indexer_scores(q, k, w)
+    q, k, w = _inputs(1, 4, 4, 2, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="shapes"):
+        indexer_scores(q, k[:, :, :8], w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1024, 4096])
+def test_deepseek_dims_on_cuda(t):
+    q, k, w = _inputs(1, t, t, 64, 128, torch.bfloat16, "cuda")
+    got = indexer_scores(q, k, w)
+    _check(got, indexer_scores_reference(q, k, w), 2e-3)
