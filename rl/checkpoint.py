@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ from .run_dir import CHECKPOINT_PREFIX, RunDir
 
 _TEMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -186,10 +184,14 @@ def latest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load_state(checkpoint: Path, restore_rng: bool = True) -> tuple[RunState, dict[str, Any]]:
-    """(RunState, learner state dict) of a checkpoint, verified first; restores the RNG states
-    by default. The policy weights are at `checkpoint / "policy"` (policy.load_pretrained)."""
-    verify(checkpoint)
+def load_state(
+    checkpoint: Path, restore_rng: bool = True, *, verified: bool = False
+) -> tuple[RunState, dict[str, Any]]:
+    """(RunState, learner state dict) of a checkpoint, verified first unless the caller just
+    did (`verified`, e.g. latest_intact's answer: hashing a large checkpoint twice is minutes);
+    restores the RNG states by default. The policy weights are at `checkpoint / "policy"`."""
+    if not verified:
+        verify(checkpoint)
     meta = json.loads((checkpoint / "state.json").read_text())
     if restore_rng:
         _set_rng_state(meta["rng"])

@@ -135,7 +135,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
             for reason in skipped:
                 log.warning("--resume: skipping a damaged checkpoint: %s", reason)
             if last is not None:
-                state, learner_state = ckpt.load_state(last)
+                state, learner_state = ckpt.load_state(last, verified=True)
                 log.info("--resume: continuing after step %d (%s)", state.step + 1, last.name)
             elif skipped:
                 log.warning("--resume: no intact checkpoint left; starting over from step 1")
