@@ -13,6 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from .run_dir import nearest_existing
 
 PACKAGES = ("policy", "rl", "rollout", "rewards", "kernels")
 
@@ -182,10 +185,8 @@ def output_file_problem(path: str | None) -> str | None:
     target = os.path.abspath(path)
     if os.path.isdir(target):
         return f"{path} is a directory"
-    probe = os.path.dirname(target)
-    while not os.path.exists(probe):  # the nearest existing ancestor decides
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
+    probe = nearest_existing(Path(target).parent)
+    if not probe.is_dir():
         return f"cannot write {path}: {probe} is not a directory"
     if not os.access(probe, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
         return f"cannot write {path}: permission denied"

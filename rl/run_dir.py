@@ -199,13 +199,17 @@ def _describe(owner: str) -> str:
         return ""
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor: what decides whether
+    `path` can be created (as a directory, or a file with its parents)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def usable(run_dir: Path) -> None:
     """RunDirError unless `run_dir` is, or can become, a writable directory."""
-    probe = run_dir
-    while not probe.exists():  # the nearest existing ancestor decides
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    probe = nearest_existing(run_dir)
     if probe.exists() and not probe.is_dir():
         what = "is" if probe == run_dir else f"is under {probe}, which is"
         raise RunDirError(f"trainer.output_dir {run_dir} {what} a file, not a directory")
