@@ -77,6 +77,7 @@ class HFTokenizer:
         self.eos_id = int(config.get("eos_token_id", EOS))
         self.vocab_size = self._tok.get_vocab_size()
         self.chat_template = _json(directory / "tokenizer_config.json").get("chat_template")
+        self._template: Any = None  # the compiled chat template, built at first use
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -89,17 +90,15 @@ class HFTokenizer:
         message (the template writes its own BOS), else BOS then the text."""
         if not self.chat_template:
             return [self.bos_id, *self.encode(text)]
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:  # compiled once: every prompt of every step renders it
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        rendered = (
-            ImmutableSandboxedEnvironment()
-            .from_string(self.chat_template)
-            .render(
-                messages=[{"role": "user", "content": text}],
-                add_generation_prompt=True,
-                bos_token=self._tok.id_to_token(self.bos_id) or "",
-                eos_token=self._tok.id_to_token(self.eos_id) or "",
-            )
+            self._template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+        rendered = self._template.render(
+            messages=[{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            bos_token=self._tok.id_to_token(self.bos_id) or "",
+            eos_token=self._tok.id_to_token(self.eos_id) or "",
         )
         return self.encode(rendered)
 
