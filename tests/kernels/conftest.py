@@ -15,7 +15,10 @@ import os
 import pytest
 import torch
 
-KERNEL_MODULES = ("kernels.indexer",)
+KERNEL_MODULES = (
+    "kernels.indexer",
+    "kernels.sparse_mla",
+)
 
 if not torch.cuda.is_available():
     _saved = os.environ.get("TRITON_INTERPRET")

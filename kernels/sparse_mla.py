@@ -1,0 +1,431 @@
+"""Sparse MLA: attention of every query to the key positions DSA selected for it, in absorbed
+MQA mode, as Triton kernels (forward, backward, head-summed probabilities) and their reference.
+
+Absorbed MQA mode: all H query heads share one key entry per token, kv[s] = [c_s | k_rope_s]
+(d_qk = kv_lora_rank + rope dims, 576 at DeepSeek-V3.2's), and the value is its latent part
+kv[s, :d_v] (d_v = kv_lora_rank, 512). Each query t attends only to its K selected positions
+indices[t, :] (int32, -1 = unused slot), so work and memory are O(T * K), not O(T * S):
+
+    o[t, h] = sum_i softmax_i(scale * q[t, h] . kv[idx_i]) * kv[idx_i, :d_v]
+    lse[t, h] = logsumexp_i(scale * q[t, h] . kv[idx_i])
+
+Forward: one program per (query, block of heads); it walks the query's indices in blocks,
+gathers those kv rows once for all heads of the block (the latent part serves as key and as
+value), and keeps an online softmax. Backward: two kernels recompute the probabilities from lse;
+one accumulates dq per (query, block of heads), the other d kv per (query, block of slots),
+summed over all heads, then added into a float32 buffer with atomics (a key is selected by many
+queries), so dkv's summation order varies run to run in the last bits; dq is deterministic.
+`head_summed_probs` gives sum_h p[t, h, i] / H, the main attention's distribution over the
+selected set that the indexer learns from.
+
+Queries whose every slot is -1 get o = 0 and lse = -inf (callers always let a query see itself,
+so this does not arise in the policy). `sparse_mla_reference` is the plain torch version the
+kernels are tested against. Under TRITON_INTERPRET=1 the same code runs on CPU tensors (small,
+float32 shapes, for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def sparse_mla_reference(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, H, D], kv [B, S, D], indices [B, T, K] (-1 = unused) -> (o [B, T, H, d_v] in
+    q's dtype, lse [B, T, H] float32). Gathers [B, T, K, D]: small shapes only."""
+    b, t, _, d = q.shape
+    valid = indices >= 0
+    rows = indices.long().clamp_min(0)
+    keys = torch.gather(
+        kv.float().unsqueeze(1).expand(b, t, -1, d), 2, rows[..., None].expand(-1, -1, -1, d)
+    )
+    scores = torch.einsum("bthd,btkd->bthk", q.float(), keys) * scale
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = torch.where(lse[..., None].isfinite(), (scores - lse[..., None]).exp(), 0.0)
+    o = torch.einsum("bthk,btkv->bthv", probs, keys[..., :d_v])
+    return o.to(q.dtype), lse
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, kv_ptr, idx_ptr, o_ptr, lse_ptr,
+    T, K, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kvb, stride_kvs,
+    stride_ib, stride_it,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt,
+    DL: tl.constexpr, DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_h, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+    q_lat = tl.load(q_row + offs_l[None, :])
+    q_rope = tl.load(q_row + DL + offs_r[None, :])
+    kv_base = kv_ptr + b * stride_kvb
+    idx_base = idx_ptr + b * stride_ib + t * stride_it
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, DL), tl.float32)
+    for start in range(0, K, BLOCK_N):
+        n = start + offs_n
+        idx = tl.load(idx_base + n, mask=n < K, other=-1)
+        valid = idx >= 0
+        rows = kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kvs
+        k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
+        k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only unused slots keeps m = -inf; shift by 0 there (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
+        m_i = m_new
+    has_any = l_i > 0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    o_row = o_ptr + b * stride_ob + t * stride_ot + offs_h[:, None] * stride_oh
+    tl.store(o_row + offs_l[None, :], out.to(o_ptr.dtype.element_ty))
+    # Natural-log lse of the scaled scores; -inf for a row with no valid slot.
+    lse = tl.where(
+        has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) / 1.4426950408889634, float("-inf")
+    )
+    tl.store(lse_ptr + b * stride_lb + t * stride_lt + offs_h, lse)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, K, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kvb, stride_kvs,
+    stride_ib, stride_it,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt,
+    DL: tl.constexpr, DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq of one (query, block of heads): the forward's walk over the selected keys again."""
+    pid_h, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+    q_lat = tl.load(q_row + offs_l[None, :])
+    q_rope = tl.load(q_row + DL + offs_r[None, :])
+    do = tl.load(
+        do_ptr + b * stride_ob + t * stride_ot + offs_h[:, None] * stride_oh + offs_l[None, :]
+    )
+    lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
+    delta = tl.load(delta_ptr + b * stride_lb + t * stride_lt + offs_h)
+    # Rows with no valid slot (lse = -inf) get p = 0 everywhere.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    qk_scale = sm_scale * 1.4426950408889634
+    kv_base = kv_ptr + b * stride_kvb
+    idx_base = idx_ptr + b * stride_ib + t * stride_it
+    dq_lat = tl.zeros((BLOCK_H, DL), tl.float32)
+    dq_rope = tl.zeros((BLOCK_H, DR), tl.float32)
+    for start in range(0, K, BLOCK_N):
+        n = start + offs_n
+        idx = tl.load(idx_base + n, mask=n < K, other=-1)
+        valid = idx >= 0
+        rows = kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kvs
+        k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
+        k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        p = tl.where(valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(k_lat))
+        ds = (p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype)
+        dq_lat += tl.dot(ds, k_lat)
+        dq_rope += tl.dot(ds, k_rope)
+    dq_row = dq_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+    tl.store(dq_row + offs_l[None, :], dq_lat.to(dq_ptr.dtype.element_ty))
+    tl.store(dq_row + DL + offs_r[None, :], dq_rope.to(dq_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr,
+    T, K, H, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kvb, stride_kvs,
+    stride_ib, stride_it,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt,
+    stride_dkb, stride_dks,
+    DL: tl.constexpr, DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """d kv rows of one (query, block of its selected slots), summed over every head before
+    one atomic add per row: dkv[s] += sum_h ds[h, s] q[h] (key part) + p[h, s] do[h] (value)."""
+    pid_n, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.load(idx_ptr + b * stride_ib + t * stride_it + n, mask=n < K, other=-1)
+    valid = idx >= 0
+    if tl.max(valid.to(tl.int32), 0) == 0:  # trailing unused slots of an early query
+        return
+    safe = tl.where(valid, idx, 0).to(tl.int64)
+    rows = kv_ptr + b * stride_kvb + safe[:, None] * stride_kvs
+    k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
+    k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    acc_lat = tl.zeros((BLOCK_N, DL), tl.float32)
+    acc_rope = tl.zeros((BLOCK_N, DR), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        q_row = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+        q_lat = tl.load(q_row + offs_l[None, :])
+        q_rope = tl.load(q_row + DL + offs_r[None, :])
+        do = tl.load(
+            do_ptr + b * stride_ob + t * stride_ot + offs_h[:, None] * stride_oh + offs_l[None, :]
+        )
+        lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
+        delta = tl.load(delta_ptr + b * stride_lb + t * stride_lt + offs_h)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        p = tl.where(valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(k_lat))
+        ds_t = tl.trans((p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype))
+        acc_lat += tl.dot(ds_t, q_lat) + tl.dot(tl.trans(p.to(k_lat.dtype)), do)
+        acc_rope += tl.dot(ds_t, q_rope)
+    dst = dkv_ptr + b * stride_dkb + safe[:, None] * stride_dks
+    tl.atomic_add(dst + offs_l[None, :], acc_lat, mask=valid[:, None])
+    tl.atomic_add(dst + DL + offs_r[None, :], acc_rope, mask=valid[:, None])
+
+
+@triton.jit
+def _probs_kernel(
+    q_ptr, kv_ptr, idx_ptr, lse_ptr, out_ptr,
+    T, K, H, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kvb, stride_kvs,
+    stride_ib, stride_it,
+    stride_lb, stride_lt,
+    DL: tl.constexpr, DR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_n, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx_base = idx_ptr + b * stride_ib + t * stride_it
+    idx = tl.load(idx_base + n, mask=n < K, other=-1)
+    valid = idx >= 0
+    rows = kv_ptr + b * stride_kvb + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kvs
+    k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
+    k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        q_row = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+        q_lat = tl.load(q_row + offs_l[None, :])
+        q_rope = tl.load(q_row + DL + offs_r[None, :])
+        lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        total += tl.sum(tl.exp2(s * qk_scale - lse2[:, None]), 0)
+    total = tl.where(valid, total / H, 0.0)
+    tl.store(out_ptr + (b * T + t) * K + n, total, mask=n < K)
+
+
+def _check(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> tuple[int, int]:
+    b, t, h, d = q.shape
+    if kv.dim() != 3 or kv.shape[0] != b or kv.shape[2] != d or indices.shape[:2] != (b, t):
+        raise ValueError(
+            f"shapes q {tuple(q.shape)}, kv {tuple(kv.shape)}, indices {tuple(indices.shape)}"
+        )
+    d_r = d - d_v
+    for name, dim in (("d_v", d_v), ("d_qk - d_v", d_r)):
+        if dim < 16 or dim & (dim - 1):
+            raise ValueError(f"{name} = {dim} must be a power of two >= 16")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"indices must be int32, not {indices.dtype}")
+    if kv.dtype != q.dtype:
+        raise ValueError(f"q is {q.dtype} but kv is {kv.dtype}")
+    return d_v, d_r
+
+
+def _block_h(h: int, want: int) -> int:
+    block = min(want, h)
+    if block < 16 or h % block:
+        raise ValueError(f"{h} heads: the head count must be a multiple of 16")
+    return block
+
+
+def _strides(x: torch.Tensor, n: int) -> tuple[int, ...]:
+    return tuple(x.stride(i) for i in range(n))
+
+
+def sparse_mla_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    d_v: int,
+    *,
+    block_h: int = 64,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel: same contract as sparse_mla_reference (no autograd)."""
+    d_l, d_r = _check(q, kv, indices, d_v)
+    b, t, h, _ = q.shape
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    block_h = _block_h(h, block_h)
+    o = torch.empty(b, t, h, d_l, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(h // block_h, t, b)](
+        q, kv, indices, o, lse,
+        t, indices.shape[2], scale,
+        *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(o, 3),
+        *_strides(lse, 2),
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def sparse_mla_bwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    *,
+    dq_config: tuple[int, int, int, int] = (64, 64, 8, 1),
+    dkv_config: tuple[int, int, int, int] = (32, 32, 4, 1),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernels: (dq [B, T, H, D] in q's dtype, dkv [B, S, D] in kv's dtype).
+
+    Two kernels, each with one accumulator that fits in registers: dq walks a query's slots per
+    block of heads (like the forward), dkv walks a query's heads per block of slots. They
+    recompute the scores separately, 1.4x the FLOPs of a single pass, in exchange for tiles
+    the tensor cores take whole. Configs: (block_h, block_n, num_warps, num_stages); the defaults
+    are the fastest of a sweep on an H200 at 8K tokens, 128 heads, top-2048 (docs/benchmarks.md).
+    """
+    d_l, d_r = _check(q, kv, indices, o.shape[-1])
+    b, t, h, _ = q.shape
+    k = indices.shape[2]
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    do, lse = do.contiguous(), lse.contiguous()
+    # delta[t, h] = sum_v o * do: the softmax backward's row term, one cheap pass.
+    delta = (o.float() * do.float()).sum(-1)
+    dq = torch.empty_like(q)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    common = (*_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(do, 3))
+    bh, bn, warps, stages = dq_config
+    bh = _block_h(h, bh)
+    _bwd_dq_kernel[(h // bh, t, b)](
+        q, kv, indices, do, lse, delta, dq, t, k, scale, *common, *_strides(lse, 2),
+        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    bh, bn, warps, stages = dkv_config
+    bh = _block_h(h, bh)
+    _bwd_dkv_kernel[(triton.cdiv(k, bn), t, b)](
+        q, kv, indices, do, lse, delta, dkv, t, k, h, scale, *common, *_strides(lse, 2),
+        *_strides(dkv, 2),
+        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return dq, dkv.to(kv.dtype)
+
+
+class _SparseMLA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, scale, d_v):  # noqa: ANN001
+        o, lse = sparse_mla_fwd(q, kv, indices, scale, d_v)
+        ctx.save_for_backward(q, kv, indices, o, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):  # noqa: ANN001
+        q, kv, indices, o, lse = ctx.saved_tensors
+        dq, dkv = sparse_mla_bwd(q, kv, indices, o, lse, do, ctx.scale)
+        return dq, dkv, None, None, None
+
+
+def sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, d_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA with autograd through q and kv: (o [B, T, H, d_v], lse [B, T, H] float32,
+    no gradient). q [B, T, H, d_qk], kv [B, S, d_qk] (same dtype; d_v and d_qk - d_v powers of
+    two >= 16, H a multiple of 16), indices int32 [B, T, K], -1 = unused slot."""
+    return _SparseMLA.apply(q, kv, indices, float(scale), int(d_v))
+
+
+def head_summed_probs(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    d_v: int,
+    *,
+    block_h: int = 64,
+    block_n: int = 64,
+    num_warps: int = 8,
+) -> torch.Tensor:
+    """sum_h p[t, h, i] / H over the selected slots [B, T, K] float32 (0 at -1 slots), from the
+    forward's lse: the main attention's distribution the indexer is trained towards. No
+    gradient (it is a target)."""
+    d_l, d_r = _check(q, kv, indices, d_v)
+    b, t, h, _ = q.shape
+    q, kv, indices, lse = q.contiguous(), kv.contiguous(), indices.contiguous(), lse.contiguous()
+    block_h = _block_h(h, block_h)
+    k = indices.shape[2]
+    out = torch.empty(b, t, k, dtype=torch.float32, device=q.device)
+    _probs_kernel[(triton.cdiv(k, block_n), t, b)](
+        q, kv, indices, lse, out,
+        t, k, h, scale,
+        *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(lse, 2),
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def head_summed_probs_reference(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, d_v: int
+) -> torch.Tensor:
+    """Reference for head_summed_probs (recomputes lse itself)."""
+    b, t, h, d = q.shape
+    valid = indices >= 0
+    rows = indices.long().clamp_min(0)
+    keys = torch.gather(
+        kv.float().unsqueeze(1).expand(b, t, -1, d), 2, rows[..., None].expand(-1, -1, -1, d)
+    )
+    scores = torch.einsum("bthd,btkd->bthk", q.float(), keys) * scale
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
+    return probs.sum(2) / h
+
+
+def attention_flops(t: int, h: int, k: int, d_qk: int, d_v: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of sparse MLA in the convention of published kernels:
+    2 t h k (d_qk + d_v) and 2 t h k (3 d_qk + 2 d_v)."""
+    return 2.0 * t * h * k * (d_qk + d_v), 2.0 * t * h * k * (3 * d_qk + 2 * d_v)
+
+
+__all__ = [
+    "attention_flops",
+    "head_summed_probs",
+    "head_summed_probs_reference",
+    "sparse_mla",
+    "sparse_mla_bwd",
+    "sparse_mla_fwd",
+    "sparse_mla_reference",
+]
