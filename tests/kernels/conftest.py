@@ -18,6 +18,7 @@ import torch
 KERNEL_MODULES = (
     "kernels.indexer",
     "kernels.sparse_mla",
+    "kernels.topk",
 )
 
 if not torch.cuda.is_available():
