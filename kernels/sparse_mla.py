@@ -29,6 +29,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import errors as _triton_errors
+
+# What a launch raises when a tiling does not fit the device (shared memory, registers).
+_DOES_NOT_FIT = tuple(
+    getattr(_triton_errors, name)
+    for name in ("OutOfResources", "PTXASError")
+    if hasattr(_triton_errors, name)
+)
 
 
 def sparse_mla_reference(
@@ -62,7 +70,9 @@ def _fwd_kernel(
     DL: tl.constexpr, DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_h, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_h = tl.program_id(0)
+    # int64: t * stride_qt passes 2^31 from ~29K tokens at 128 heads x 576.
+    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     offs_n = tl.arange(0, BLOCK_N)
@@ -116,7 +126,9 @@ def _bwd_dq_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dq of one (query, block of heads): the forward's walk over the selected keys again."""
-    pid_h, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_h = tl.program_id(0)
+    # int64: t * stride_qt passes 2^31 from ~29K tokens at 128 heads x 576.
+    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     offs_n = tl.arange(0, BLOCK_N)
@@ -168,7 +180,8 @@ def _bwd_dkv_kernel(
 ):  # fmt: skip
     """d kv rows of one (query, block of its selected slots), summed over every head before
     one atomic add per row: dkv[s] += sum_h ds[h, s] q[h] (key part) + p[h, s] do[h] (value)."""
-    pid_n, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n = tl.program_id(0)
+    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.load(idx_ptr + b * stride_ib + t * stride_it + n, mask=n < K, other=-1)
@@ -215,7 +228,8 @@ def _probs_kernel(
     DL: tl.constexpr, DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_n, t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n = tl.program_id(0)
+    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     idx_base = idx_ptr + b * stride_ib + t * stride_it
@@ -263,6 +277,20 @@ def _block_h(h: int, want: int) -> int:
     return block
 
 
+def _fitted(launch, block_n: int, num_stages: int) -> None:  # noqa: ANN001
+    """launch(block_n, num_stages) with the given tiling, or, where that does not fit this
+    device's shared memory or registers (it depends on the head block the head count allows),
+    with fewer pipeline stages, then smaller key blocks."""
+    ladder = [(block_n, num_stages), (block_n, 1), (32, 1), (16, 1)]
+    tried = [c for i, c in enumerate(ladder) if c[0] <= block_n and c not in ladder[:i]]
+    for i, (bn, stages) in enumerate(tried):
+        try:
+            return launch(bn, stages)
+        except _DOES_NOT_FIT:
+            if i == len(tried) - 1:
+                raise
+
+
 def _strides(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(x.stride(i) for i in range(n))
 
@@ -286,14 +314,14 @@ def sparse_mla_fwd(
     block_h = _block_h(h, block_h)
     o = torch.empty(b, t, h, d_l, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(h // block_h, t, b)](
+    _fitted(lambda bn, stages: _fwd_kernel[(h // block_h, t, b)](
         q, kv, indices, o, lse,
         t, indices.shape[2], scale,
         *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(o, 3),
         *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn,
+        num_warps=num_warps, num_stages=stages,
+    ), block_n, num_stages)  # fmt: skip
     return o, lse
 
 
@@ -327,19 +355,19 @@ def sparse_mla_bwd(
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     common = (*_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(do, 3))
-    bh, bn, warps, stages = dq_config
+    bh, block_n, warps, stages = dq_config
     bh = _block_h(h, bh)
-    _bwd_dq_kernel[(h // bh, t, b)](
+    _fitted(lambda bn, st: _bwd_dq_kernel[(h // bh, t, b)](
         q, kv, indices, do, lse, delta, dq, t, k, scale, *common, *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    bh, bn, warps, stages = dkv_config
-    bh = _block_h(h, bh)
-    _bwd_dkv_kernel[(triton.cdiv(k, bn), t, b)](
+        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=st,
+    ), block_n, stages)  # fmt: skip
+    bh2, block_n, warps2, stages = dkv_config
+    bh2 = _block_h(h, bh2)
+    _fitted(lambda bn, st: _bwd_dkv_kernel[(triton.cdiv(k, bn), t, b)](
         q, kv, indices, do, lse, delta, dkv, t, k, h, scale, *common, *_strides(lse, 2),
         *_strides(dkv, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        DL=d_l, DR=d_r, BLOCK_H=bh2, BLOCK_N=bn, num_warps=warps2, num_stages=st,
+    ), block_n, stages)  # fmt: skip
     return dq, dkv.to(kv.dtype)
 
 
@@ -389,12 +417,12 @@ def head_summed_probs(
     block_h = _block_h(h, block_h)
     k = indices.shape[2]
     out = torch.empty(b, t, k, dtype=torch.float32, device=q.device)
-    _probs_kernel[(triton.cdiv(k, block_n), t, b)](
+    _fitted(lambda bn, stages: _probs_kernel[(triton.cdiv(k, bn), t, b)](
         q, kv, indices, lse, out,
         t, k, h, scale,
         *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn, num_warps=num_warps, num_stages=stages,
+    ), block_n, 2)  # fmt: skip
     return out
 
 

@@ -176,7 +176,23 @@ def masked_logprobs(
     kept_ids [N, K] (-1 padded) restricts and renormalises each row to its kept set; None
     uses the full softmax everywhere. With return_entropy, also the entropy [N] of each row's
     (truncated) distribution, without gradient.
+
+    On a CUDA device this is kernels.logprobs.masked_logprobs_triton (same contract; GEMMs on
+    cuBLAS, the elementwise passes over the logits in Triton), elsewhere the torch chunks below.
     """
+    if hidden.is_cuda:
+        # Imported here: the CPU path (and the CPU test suite) must not need Triton compiled.
+        from kernels.logprobs import masked_logprobs_triton
+
+        return masked_logprobs_triton(
+            hidden,
+            lm_head_weight,
+            targets,
+            kept_ids,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            return_entropy=return_entropy,
+        )
     if kept_ids is not None:
         kept_ids = kept_ids.long()
     targets = targets.long()

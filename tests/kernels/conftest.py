@@ -17,6 +17,7 @@ import torch
 
 KERNEL_MODULES = (
     "kernels.indexer",
+    "kernels.logprobs",
     "kernels.indexer_loss",
     "kernels.sparse_mla",
     "kernels.topk",
