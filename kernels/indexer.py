@@ -57,6 +57,7 @@ def _indexer_scores_kernel(
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_t, pid_s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -82,7 +83,7 @@ def _indexer_scores_kernel(
             mask=in_t[:, None],
             other=0.0,
         )
-        logits = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        logits = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PREC)
         wt = tl.load(w_ptr + b * stride_wb + offs_t * stride_wt + h, mask=in_t, other=0.0)
         acc += tl.maximum(logits, 0.0) * wt.to(tl.float32)[:, None]
     acc = tl.where(visible, acc, float("-inf"))
@@ -134,6 +135,8 @@ def indexer_scores(
         D=d,
         BLOCK_T=block_t,
         BLOCK_S=block_s,
+        # float32 inputs in full float32: TF32 rounding would move near-tied selections
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )

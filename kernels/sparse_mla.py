@@ -68,11 +68,14 @@ def _fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
     DL: tl.constexpr, DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    H_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    pid_h = tl.program_id(0)
-    # int64: t * stride_qt passes 2^31 from ~29K tokens at 128 heads x 576.
-    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    # (query, head block) flattened on grid axis 0: axes 1 and 2 stop at 65,535 and a query's
+    # head blocks run side by side, sharing its gathered rows in L2. int64: t * stride_qt
+    # passes 2^31 from ~29K tokens at 128 heads x 576.
+    t, pid_h = (tl.program_id(0) // H_BLOCKS).to(tl.int64), tl.program_id(0) % H_BLOCKS
+    b = tl.program_id(1).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,7 +95,9 @@ def _fwd_kernel(
         rows = kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kvs
         k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
         k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PREC) + tl.dot(
+            q_rope, tl.trans(k_rope), input_precision=PREC
+        )
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only unused slots keeps m = -inf; shift by 0 there (no NaN).
@@ -100,7 +105,7 @@ def _fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat, input_precision=PREC)
         m_i = m_new
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -123,12 +128,15 @@ def _bwd_dq_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
     DL: tl.constexpr, DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    H_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """dq of one (query, block of heads): the forward's walk over the selected keys again."""
-    pid_h = tl.program_id(0)
-    # int64: t * stride_qt passes 2^31 from ~29K tokens at 128 heads x 576.
-    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    # (query, head block) flattened on grid axis 0: axes 1 and 2 stop at 65,535 and a query's
+    # head blocks run side by side, sharing its gathered rows in L2. int64: t * stride_qt
+    # passes 2^31 from ~29K tokens at 128 heads x 576.
+    t, pid_h = (tl.program_id(0) // H_BLOCKS).to(tl.int64), tl.program_id(0) % H_BLOCKS
+    b = tl.program_id(1).to(tl.int64)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     offs_n = tl.arange(0, BLOCK_N)
@@ -154,12 +162,14 @@ def _bwd_dq_kernel(
         rows = kv_base + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_kvs
         k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
         k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PREC) + tl.dot(
+            q_rope, tl.trans(k_rope), input_precision=PREC
+        )
         p = tl.where(valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(k_lat))
+        dp = tl.dot(do, tl.trans(k_lat), input_precision=PREC)
         ds = (p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype)
-        dq_lat += tl.dot(ds, k_lat)
-        dq_rope += tl.dot(ds, k_rope)
+        dq_lat += tl.dot(ds, k_lat, input_precision=PREC)
+        dq_rope += tl.dot(ds, k_rope, input_precision=PREC)
     dq_row = dq_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
     tl.store(dq_row + offs_l[None, :], dq_lat.to(dq_ptr.dtype.element_ty))
     tl.store(dq_row + DL + offs_r[None, :], dq_rope.to(dq_ptr.dtype.element_ty))
@@ -176,12 +186,14 @@ def _bwd_dkv_kernel(
     stride_lb, stride_lt,
     stride_dkb, stride_dks,
     DL: tl.constexpr, DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """d kv rows of one (query, block of its selected slots), summed over every head before
     one atomic add per row: dkv[s] += sum_h ds[h, s] q[h] (key part) + p[h, s] do[h] (value)."""
-    pid_n = tl.program_id(0)
-    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    # (query, slot block) flattened on grid axis 0, as in the forward.
+    t, pid_n = (tl.program_id(0) // N_BLOCKS).to(tl.int64), tl.program_id(0) % N_BLOCKS
+    b = tl.program_id(1).to(tl.int64)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.load(idx_ptr + b * stride_ib + t * stride_it + n, mask=n < K, other=-1)
@@ -206,12 +218,16 @@ def _bwd_dkv_kernel(
         lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
         delta = tl.load(delta_ptr + b * stride_lb + t * stride_lt + offs_h)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PREC) + tl.dot(
+            q_rope, tl.trans(k_rope), input_precision=PREC
+        )
         p = tl.where(valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(k_lat))
+        dp = tl.dot(do, tl.trans(k_lat), input_precision=PREC)
         ds_t = tl.trans((p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype))
-        acc_lat += tl.dot(ds_t, q_lat) + tl.dot(tl.trans(p.to(k_lat.dtype)), do)
-        acc_rope += tl.dot(ds_t, q_rope)
+        acc_lat += tl.dot(ds_t, q_lat, input_precision=PREC) + tl.dot(
+            tl.trans(p.to(k_lat.dtype)), do
+        )
+        acc_rope += tl.dot(ds_t, q_rope, input_precision=PREC)
     dst = dkv_ptr + b * stride_dkb + safe[:, None] * stride_dks
     tl.atomic_add(dst + offs_l[None, :], acc_lat, mask=valid[:, None])
     tl.atomic_add(dst + DL + offs_r[None, :], acc_rope, mask=valid[:, None])
@@ -226,10 +242,12 @@ def _probs_kernel(
     stride_ib, stride_it,
     stride_lb, stride_lt,
     DL: tl.constexpr, DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    t, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    # (query, slot block) flattened on grid axis 0, as in the forward.
+    t, pid_n = (tl.program_id(0) // N_BLOCKS).to(tl.int64), tl.program_id(0) % N_BLOCKS
+    b = tl.program_id(1).to(tl.int64)
     offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     idx_base = idx_ptr + b * stride_ib + t * stride_it
@@ -247,7 +265,9 @@ def _probs_kernel(
         q_rope = tl.load(q_row + DL + offs_r[None, :])
         lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s = tl.dot(q_lat, tl.trans(k_lat)) + tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PREC) + tl.dot(
+            q_rope, tl.trans(k_rope), input_precision=PREC
+        )
         total += tl.sum(tl.exp2(s * qk_scale - lse2[:, None]), 0)
     total = tl.where(valid, total / H, 0.0)
     tl.store(out_ptr + (b * T + t) * K + n, total, mask=n < K)
@@ -291,6 +311,13 @@ def _fitted(launch, block_n: int, num_stages: int) -> None:  # noqa: ANN001
                 raise
 
 
+def _precision(x: torch.Tensor) -> str:
+    """float32 inputs multiply in full float32 ("ieee"), not TF32: float32 models are for
+    checking against the reference, where TF32's rounding would move DSA's near-tied
+    selections; bf16 inputs take the tensor cores as they are."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def _strides(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(x.stride(i) for i in range(n))
 
@@ -314,12 +341,12 @@ def sparse_mla_fwd(
     block_h = _block_h(h, block_h)
     o = torch.empty(b, t, h, d_l, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
-    _fitted(lambda bn, stages: _fwd_kernel[(h // block_h, t, b)](
+    _fitted(lambda bn, stages: _fwd_kernel[(t * (h // block_h), b)](
         q, kv, indices, o, lse,
         t, indices.shape[2], scale,
         *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(o, 3),
         *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn,
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn, PREC=_precision(q), H_BLOCKS=h // block_h,
         num_warps=num_warps, num_stages=stages,
     ), block_n, num_stages)  # fmt: skip
     return o, lse
@@ -335,7 +362,7 @@ def sparse_mla_bwd(
     scale: float,
     *,
     dq_config: tuple[int, int, int, int] = (64, 64, 8, 1),
-    dkv_config: tuple[int, int, int, int] = (32, 32, 4, 1),
+    dkv_config: tuple[int, int, int, int] = (16, 32, 4, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward kernels: (dq [B, T, H, D] in q's dtype, dkv [B, S, D] in kv's dtype).
 
@@ -350,23 +377,29 @@ def sparse_mla_bwd(
     k = indices.shape[2]
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
     do, lse = do.contiguous(), lse.contiguous()
-    # delta[t, h] = sum_v o * do: the softmax backward's row term, one cheap pass.
-    delta = (o.float() * do.float()).sum(-1)
+    # delta[t, h] = sum_v o * do: the softmax backward's row term. In query chunks: float32
+    # copies of the whole [T, H, d_v] o and do would be 4x the memory of the kernels' own.
+    delta = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
+    step = max(1, (1 << 26) // (h * o.shape[-1]))
+    for i in range(0, t, step):
+        delta[:, i : i + step] = (o[:, i : i + step].float() * do[:, i : i + step].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     common = (*_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(do, 3))
     bh, block_n, warps, stages = dq_config
     bh = _block_h(h, bh)
-    _fitted(lambda bn, st: _bwd_dq_kernel[(h // bh, t, b)](
+    _fitted(lambda bn, st: _bwd_dq_kernel[(t * (h // bh), b)](
         q, kv, indices, do, lse, delta, dq, t, k, scale, *common, *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=st,
+        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, PREC=_precision(q), H_BLOCKS=h // bh,
+        num_warps=warps, num_stages=st,
     ), block_n, stages)  # fmt: skip
     bh2, block_n, warps2, stages = dkv_config
     bh2 = _block_h(h, bh2)
-    _fitted(lambda bn, st: _bwd_dkv_kernel[(triton.cdiv(k, bn), t, b)](
+    _fitted(lambda bn, st: _bwd_dkv_kernel[(t * triton.cdiv(k, bn), b)](
         q, kv, indices, do, lse, delta, dkv, t, k, h, scale, *common, *_strides(lse, 2),
         *_strides(dkv, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh2, BLOCK_N=bn, num_warps=warps2, num_stages=st,
+        DL=d_l, DR=d_r, BLOCK_H=bh2, BLOCK_N=bn, PREC=_precision(q), N_BLOCKS=triton.cdiv(k, bn),
+        num_warps=warps2, num_stages=st,
     ), block_n, stages)  # fmt: skip
     return dq, dkv.to(kv.dtype)
 
@@ -417,11 +450,13 @@ def head_summed_probs(
     block_h = _block_h(h, block_h)
     k = indices.shape[2]
     out = torch.empty(b, t, k, dtype=torch.float32, device=q.device)
-    _fitted(lambda bn, stages: _probs_kernel[(triton.cdiv(k, bn), t, b)](
+    _fitted(lambda bn, stages: _probs_kernel[(t * triton.cdiv(k, bn), b)](
         q, kv, indices, lse, out,
         t, k, h, scale,
         *_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn, num_warps=num_warps, num_stages=stages,
+        DL=d_l, DR=d_r, BLOCK_H=block_h, BLOCK_N=bn, PREC=_precision(q),
+        N_BLOCKS=triton.cdiv(k, bn),
+        num_warps=num_warps, num_stages=stages,
     ), block_n, 2)  # fmt: skip
     return out
 
