@@ -8,10 +8,20 @@ Masks are boolean `allowed [B, T, S]` (True = query t may see key s): causal, pa
 and always letting a query see itself so no row is empty. DSA narrows `allowed` to the
 indexer's top-k; the same causal mask is applied before the top-k (so no future position can
 be selected) and again on the attention scores.
+
+Two implementations of DSA compute the same thing. "reference": the torch code here, with the
+[B, T, S] mask and scores (the CPU path and the oracle). "triton": index-based end to end
+(kernels/): the indexer scores a chunk of queries at a time and a deterministic top-k reduces
+each chunk to int32 indices [B, T, k]; sparse MLA in absorbed mode attends to those rows only,
+and the sparse indexer loss works on the same indices, so no [T, S] tensor exists. "auto" picks
+triton on CUDA when the shapes suit the kernels (heads a multiple of 16; kv_lora_rank,
+qk_rope_head_dim and index_head_dim powers of two >= 16), else the reference. The dense stage
+(dsa=False) and the dense indexer loss always run the reference.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,20 +33,66 @@ from .indexer import Indexer, indexer_kl, select_topk, selection_mask
 from .layers import RMSNorm
 from .rope import apply_rope
 
+ATTENTION_IMPLS = ("auto", "reference", "triton")
+
 
 @dataclass
 class AttnContext:
     """What every attention layer of one forward shares.
 
-    cos/sin: [B, T, P/2] rope of the new tokens; allowed: [B, T, S] visibility; query_valid:
-    [B, T] real (non-padding) new tokens; start: cache slot of the first new token.
+    cos/sin: [B, T, P/2] rope of the new tokens; key_valid: [B, S] real (non-padding) key
+    slots; query_valid: [B, T] real new tokens; start: cache slot of the first new token;
+    attention: "reference" or "triton" (resolved, never "auto").
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
-    allowed: torch.Tensor
+    key_valid: torch.Tensor
     query_valid: torch.Tensor
     start: int = 0
+    attention: str = "reference"
+    _allowed: torch.Tensor | None = None
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """[B, T, S] visibility: causal over slots, real keys only, and a query always sees
+        itself (no empty rows). Built on first use: the index-based path never asks for it."""
+        if self._allowed is None:
+            t, s = self.query_valid.shape[1], self.key_valid.shape[1]
+            dev = self.key_valid.device
+            q_slot = torch.arange(self.start, self.start + t, device=dev).view(1, t, 1)
+            k_slot = torch.arange(s, device=dev).view(1, 1, s)
+            self._allowed = ((k_slot <= q_slot) & self.key_valid.unsqueeze(1)) | (k_slot == q_slot)
+        return self._allowed
+
+
+def triton_supported(args: ModelArgs) -> str | None:
+    """None if the DSA kernels take this model's shapes, else why not."""
+
+    def pow2(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0
+
+    if args.num_attention_heads % 16:
+        return f"num_attention_heads = {args.num_attention_heads} is not a multiple of 16"
+    for name in ("kv_lora_rank", "qk_rope_head_dim", "index_head_dim"):
+        if not pow2(getattr(args, name)):
+            return f"{name} = {getattr(args, name)} is not a power of two >= 16"
+    return None
+
+
+def resolve_attention(impl: str, args: ModelArgs, device: torch.device) -> str:
+    """ "auto" -> "triton" on CUDA when the shapes suit the kernels, else "reference"; an explicit
+    "triton" that cannot run is an error naming why."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, not {impl!r}")
+    why = triton_supported(args)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and why is None else "reference"
+    # Off CUDA the kernels run only in Triton's interpreter (tests, on small shapes).
+    off_device = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    if impl == "triton" and (why or off_device):
+        raise ValueError(f"attention 'triton' cannot run here: {why or 'the model is not on CUDA'}")
+    return impl
 
 
 @dataclass
@@ -117,10 +173,14 @@ class MLA(nn.Module):
         absorb: bool = False,
         dsa: bool = True,
         indexer_loss: str | None = None,
+        indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ctx.allowed: [B, T, S], S = ctx.start + T; cache slots [start, start+T) are written."""
+        """S = ctx.start + T keys; cache slots [start, start+T) are written. indices [B, T, k]
+        (int, -1 = unused), if given, replace the indexer's own selection (e.g. the sampler's)."""
+        if indexer_loss not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer_loss must be 'dense' or 'sparse', not {indexer_loss!r}")
         b, t, _ = x.shape
-        cos, sin, allowed = ctx.cos, ctx.sin, ctx.allowed
+        cos, sin = ctx.cos, ctx.sin
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(b, t, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
@@ -137,15 +197,20 @@ class MLA(nn.Module):
             cache.index_k[:, start:end] = index_k
             c, k_pe, index_k = cache.latent[:, :end], cache.k_rope[:, :end], cache.index_k[:, :end]
 
+        if dsa and ctx.attention == "triton" and indexer_loss != "dense":
+            return self._sparse(x, qr, q_nope, q_pe, c, k_pe, index_k, ctx, indexer_loss, indices)
+        allowed = ctx.allowed
         index_scores = None
         if dsa or indexer_loss:
             index_scores = self.indexer(x.detach(), qr.detach(), cos, sin, index_k)
         attend_mask = allowed
         if dsa:
-            ids = select_topk(
-                index_scores.masked_fill(~allowed, float("-inf")), self.indexer.index_topk
-            )
-            attend_mask = allowed & selection_mask(ids, allowed.shape[-1])
+            ids = indices
+            if ids is None:
+                ids = select_topk(
+                    index_scores.masked_fill(~allowed, float("-inf")), self.indexer.index_topk
+                )
+            attend_mask = allowed & selection_mask(ids.long(), allowed.shape[-1])
 
         need_probs = indexer_loss is not None
         if absorb:
@@ -169,8 +234,60 @@ class MLA(nn.Module):
 
         kl = None
         if indexer_loss is not None:
-            if indexer_loss not in ("dense", "sparse"):
-                raise ValueError(f"indexer_loss must be 'dense' or 'sparse', not {indexer_loss!r}")
             support = allowed if indexer_loss == "dense" else attend_mask
             kl = indexer_kl(probs, index_scores, support, ctx.query_valid.float())
+        return out, kl
+
+    def _sparse(
+        self,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        k_pe: torch.Tensor,
+        index_k: torch.Tensor,
+        ctx: AttnContext,
+        indexer_loss: str | None,
+        indices: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DSA through the kernels: index-based, absorbed MQA mode, nothing of size [T, S].
+
+        The indexer's queries and keys go to the kernels in the model's dtype (bf16 on tensor
+        cores; float32 models multiply in IEEE float32, to stay comparable with the reference),
+        its scores accumulate in float32. The KV cache's latent and rope parts are concatenated
+        per call (a copy of the cache per layer and step; one [B, S, 576] cache would avoid it)."""
+        from kernels.indexer_loss import sparse_indexer_kl
+        from kernels.sparse_mla import head_summed_probs, sparse_mla
+        from kernels.topk import select_indices
+
+        b, t = x.shape[:2]
+        dtype = c.dtype
+        q_idx, w_idx = self.indexer.queries(x.detach(), qr.detach(), ctx.cos, ctx.sin)
+        q_idx, k_idx = q_idx.to(dtype), index_k.to(dtype)
+        if indices is None:
+            with torch.no_grad():
+                indices = select_indices(
+                    q_idx, k_idx, w_idx, self.indexer.index_topk,
+                    offset=ctx.start, key_valid=ctx.key_valid,
+                )  # fmt: skip
+        indices = indices.to(torch.int32)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope])
+        q = torch.cat([q_lat, q_pe], dim=-1)
+        kv = torch.cat([c, k_pe], dim=-1)
+        o_lat, lse = sparse_mla(q, kv, indices, self.scale, self.kv_rank)
+        out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope :])
+        out = self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
+        kl = None
+        if indexer_loss == "sparse":
+            # The target is the main attention's head-summed distribution on the selected set
+            # (detached: the indexer learns from it, the attention does not learn from the KL).
+            target = head_summed_probs(
+                q.detach(), kv.detach(), indices, lse, self.scale, self.kv_rank
+            )
+            precision = "ieee" if dtype == torch.float32 else "tf32"
+            kl = sparse_indexer_kl(
+                q_idx, k_idx, w_idx, indices, target, ctx.query_valid, input_precision=precision
+            )
         return out, kl

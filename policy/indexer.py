@@ -81,6 +81,16 @@ class Indexer(nn.Module):
         )
         return self._rope(k, cos, sin)
 
+    def queries(
+        self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer's roped queries q [B, T, Hi, Di] and head weights w [B, T, Hi] (scale
+        folded in), float32."""
+        b, t, _ = x.shape
+        q = self._rope(self.wq_b(qr).float().view(b, t, self.n_heads, self.head_dim), cos, sin)
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.scale
+        return q, w
+
     def forward(
         self,
         x: torch.Tensor,
@@ -91,9 +101,9 @@ class Indexer(nn.Module):
     ) -> torch.Tensor:
         """Index scores [B, T, S] (float32, unmasked) of queries x, qr [B, T, *] against
         keys [B, S, Di]."""
-        b, t, _ = x.shape
-        q = self._rope(self.wq_b(qr).float().view(b, t, self.n_heads, self.head_dim), cos, sin)
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.scale  # [B, T, Hi]
+        b = x.shape[0]
+        q, w = self.queries(x, qr, cos, sin)
+        t = q.shape[1]
         keys = keys.float()
         step = max(1, _INDEXER_CHUNK_ELEMS // max(1, b * self.n_heads * keys.shape[1]))
         out = []

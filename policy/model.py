@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .attention import MLA, AttnContext, LayerCache
+from .attention import MLA, AttnContext, LayerCache, resolve_attention
 from .layers import MLP, RMSNorm
 from .moe import Experts, MoE
 from .rope import RotaryEmbedding
@@ -100,11 +100,16 @@ class Transformer(nn.Module):
     padding. With a KVCache the new tokens are appended to it (absorbed MQA attention by
     default once the cache holds tokens, MHA for the first chunk). dsa=False runs dense MLA
     (the indexer's dense warm-up stage); indexer_loss='dense'|'sparse' adds the indexer KL.
+    `attention` picks DSA's implementation (policy/attention.py); the kernels' sparse path
+    always runs absorbed MQA mode, whatever `absorb` says.
     """
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, *, attention: str = "auto") -> None:
         super().__init__()
         self.args = args
+        # How DSA runs (policy/attention.py): "auto" | "reference" | "triton". Not a weight or an
+        # architecture fact, so it is not saved with the checkpoint; set it on a loaded model.
+        self.attention = attention
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
@@ -153,12 +158,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"KVCache full: {start} + {t} tokens > max_len {cache.max_len}")
             cache.key_valid[:, start : start + t] = valid
             key_valid = cache.key_valid[:, : start + t]
-        q_slot = torch.arange(start, start + t, device=dev).view(1, t, 1)
-        k_slot = torch.arange(start + t, device=dev).view(1, 1, -1)
-        # Causal over slots, real keys only, and a query always sees itself (no empty rows).
-        allowed = ((k_slot <= q_slot) & key_valid.unsqueeze(1)) | (k_slot == q_slot)
         cos, sin = self.rotary(positions)
-        return AttnContext(cos, sin, allowed, valid, start)
+        attention = resolve_attention(self.attention, self.args, dev)
+        return AttnContext(cos, sin, key_valid, valid, start, attention)
 
     def forward(
         self,

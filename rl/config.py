@@ -42,6 +42,10 @@ class ModelConfig:
     # "auto": model.checkpoint's own tokenizer.json if it has one, else the character
     # tokenizer of the built-in tasks; "char"; or a directory holding a tokenizer.json
     tokenizer: str = "auto"
+    # How the learner runs DSA: "auto" (Triton kernels on CUDA when the shapes suit them, the
+    # torch reference elsewhere), "reference" or "triton"; the native engine takes the same
+    # choice as rollout.engine_kwargs.attention
+    attention: Literal["auto", "reference", "triton"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

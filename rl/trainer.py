@@ -54,8 +54,10 @@ class LearnerService:
         dtype: str,
         device: str,
         state: dict | None = None,
+        attention: str = "auto",
     ) -> None:
         self.policy = load_pretrained(policy_dir, device=device, dtype=DTYPES[dtype])
+        self.policy.attention = attention
         self.learner = Learner(self.policy, cfg)
         if state is not None:
             self.learner.load_state_dict(state)
@@ -292,7 +294,12 @@ def _actors(
         ray.remote(LearnerService)
         .options(num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
         .remote(
-            str(policy_dir), learner_config(cfg), cfg.model.dtype, cfg.optim.device, learner_state
+            str(policy_dir),
+            learner_config(cfg),
+            cfg.model.dtype,
+            cfg.optim.device,
+            learner_state,
+            cfg.model.attention,
         )
     )
     pool = RolloutPool(

@@ -25,7 +25,8 @@ class NativeEngine:
     """Rollouts from a policy checkpoint (or a live Transformer) on `device`.
 
     max_batch_size bounds the sequences decoded together (prompts x n are split into
-    batches of at most that many rows).
+    batches of at most that many rows). attention: DSA's implementation (policy/attention.py;
+    on CUDA "auto" prefills and decodes through the sparse kernels).
     """
 
     name = "native"
@@ -37,11 +38,14 @@ class NativeEngine:
         *,
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 64,
+        attention: str | None = None,
     ) -> None:
         if isinstance(checkpoint_dir, Transformer):
             self.model = checkpoint_dir.to(device=device, dtype=dtype)
         else:
             self.model = load_pretrained(checkpoint_dir, device=device, dtype=dtype)
+        if attention is not None:  # else the model's own (a loaded checkpoint's: "auto")
+            self.model.attention = attention
         self.model.eval()
         self.device, self.dtype = torch.device(device), dtype
         self.max_batch_size = max_batch_size

@@ -40,7 +40,9 @@ def test_full_width_layers(dtype):
         vocab_size=4096,
     )
     with torch.device("cuda"):
-        model = Transformer(args).to(dtype).eval()
+        # The reference's DSA: this checks DSA's definition (tests/policy/test_dsa_kernels.py
+        # checks the kernels against it).
+        model = Transformer(args, attention="reference").to(dtype).eval()
     ids = torch.randint(0, args.vocab_size, (1, 4096), device="cuda")
     sparse = model(ids)
     dense = model(ids, dsa=False)
