@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from policy import ModelArgs, preset
+from policy.attention import triton_supported
 from policy.checkpoint import weight_files
 
 from .config import ConfigError, ExperimentConfig, to_dict
@@ -73,6 +74,12 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"unknown model field 'model.overrides.{bad[0]}'{hint}") from None
         except ValueError as e:
             raise ConfigError(f"model.overrides: {e}") from None
+    if cfg.model.attention == "triton":
+        why = triton_supported(args)
+        if why is None and not cfg.optim.device.startswith("cuda"):
+            why = f"the learner runs on {cfg.optim.device!r} (optim.device)"
+        if why:
+            raise ConfigError(f"model.attention: 'triton' cannot run: {why}; use 'auto'")
     try:
         tok = load_tokenizer(cfg.model)
     except (OSError, ValueError) as e:

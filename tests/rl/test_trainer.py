@@ -151,6 +151,12 @@ def test_config_errors_are_one_line(capsys, tmp_path):
         (["rollout.sampling.temperature=-1"], "rollout.sampling.temperature must be >= 0"),
         (["rewards.timeout_s=0"], "rewards.timeout_s must be > 0"),
         (["checkpoint.keep_last=-1"], "checkpoint.keep_last must be >= 0"),
+        (["model.attention=sparse"], "model.attention: must be one of"),
+        (["model.attention=triton"], "model.attention: 'triton' cannot run: .*multiple of 16"),
+        (
+            ["model.attention=triton", "model.overrides={num_attention_heads: 16}"],
+            "model.attention: 'triton' cannot run: the learner runs on 'cpu'",
+        ),
     ],
 )
 def test_config_mistakes_stop_before_anything_is_written(tmp_path, capsys, overrides, message):
