@@ -318,6 +318,12 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _rows(kv: torch.Tensor) -> torch.Tensor:
+    """kv as the kernels read it: any batch and slot strides (a slice of a KV cache reads in
+    place), contiguous rows."""
+    return kv if kv.stride(-1) == 1 else kv.contiguous()
+
+
 def _strides(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(x.stride(i) for i in range(n))
 
@@ -337,7 +343,7 @@ def sparse_mla_fwd(
     """The forward kernel: same contract as sparse_mla_reference (no autograd)."""
     d_l, d_r = _check(q, kv, indices, d_v)
     b, t, h, _ = q.shape
-    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    q, kv, indices = q.contiguous(), _rows(kv), indices.contiguous()
     block_h = _block_h(h, block_h)
     o = torch.empty(b, t, h, d_l, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
@@ -375,7 +381,7 @@ def sparse_mla_bwd(
     d_l, d_r = _check(q, kv, indices, o.shape[-1])
     b, t, h, _ = q.shape
     k = indices.shape[2]
-    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
+    q, kv, indices = q.contiguous(), _rows(kv), indices.contiguous()
     do, lse = do.contiguous(), lse.contiguous()
     # delta[t, h] = sum_v o * do: the softmax backward's row term. In query chunks: float32
     # copies of the whole [T, H, d_v] o and do would be 4x the memory of the kernels' own.
@@ -446,7 +452,7 @@ def head_summed_probs(
     gradient (it is a target)."""
     d_l, d_r = _check(q, kv, indices, d_v)
     b, t, h, _ = q.shape
-    q, kv, indices, lse = q.contiguous(), kv.contiguous(), indices.contiguous(), lse.contiguous()
+    q, kv, indices, lse = q.contiguous(), _rows(kv), indices.contiguous(), lse.contiguous()
     block_h = _block_h(h, block_h)
     k = indices.shape[2]
     out = torch.empty(b, t, k, dtype=torch.float32, device=q.device)

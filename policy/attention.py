@@ -16,7 +16,8 @@ each chunk to int32 indices [B, T, k]; sparse MLA in absorbed mode attends to th
 and the sparse indexer loss works on the same indices, so no [T, S] tensor exists. "auto" picks
 triton on CUDA when the shapes suit the kernels (heads a multiple of 16; kv_lora_rank,
 qk_rope_head_dim and index_head_dim powers of two >= 16), else the reference. The dense stage
-(dsa=False) and the dense indexer loss always run the reference.
+(dsa=False), the dense indexer loss and sequences of at most index_topk keys (where DSA selects
+every visible key, i.e. is dense attention: MHA through SDPA) run the reference.
 """
 
 from __future__ import annotations
@@ -95,17 +96,19 @@ def resolve_attention(impl: str, args: ModelArgs, device: torch.device) -> str:
     return impl
 
 
-@dataclass
 class LayerCache:
     """One attention layer's incremental-decoding state (slots along dim 1).
 
-    latent: [B, S_max, R] (kv_a_layernorm'd c), k_rope: [B, S_max, P] (roped shared key),
+    kv: [B, S_max, R + P], each slot the kv_a_layernorm'd latent c and the roped shared key,
+    side by side, as absorbed MQA attention reads them (the sparse kernels take a slice of it
+    without a copy); latent [B, S_max, R] and k_rope [B, S_max, P] are views of its two parts.
     index_k: [B, S_max, Di] (roped, normed indexer key).
     """
 
-    latent: torch.Tensor
-    k_rope: torch.Tensor
-    index_k: torch.Tensor
+    def __init__(self, kv: torch.Tensor, kv_lora_rank: int, index_k: torch.Tensor) -> None:
+        self.kv = kv
+        self.latent, self.k_rope = kv[..., :kv_lora_rank], kv[..., kv_lora_rank:]
+        self.index_k = index_k
 
 
 def _attend(
@@ -196,15 +199,23 @@ class MLA(nn.Module):
             cache.k_rope[:, start:end] = k_pe
             cache.index_k[:, start:end] = index_k
             c, k_pe, index_k = cache.latent[:, :end], cache.k_rope[:, :end], cache.index_k[:, :end]
+            ctx_kv = cache.kv[:, :end]
+        else:
+            ctx_kv = None
 
-        if dsa and ctx.attention == "triton" and indexer_loss != "dense":
-            return self._sparse(x, qr, q_nope, q_pe, c, k_pe, index_k, ctx, indexer_loss, indices)
+        # Up to index_topk keys DSA selects every visible key: exactly dense attention, which
+        # needs neither the indexer (unless it is being trained) nor the sparse kernels.
+        prunes = indices is not None or c.shape[1] > self.indexer.index_topk
+        if dsa and prunes and ctx.attention == "triton" and indexer_loss != "dense":
+            return self._sparse(
+                x, qr, q_nope, q_pe, c, k_pe, index_k, ctx, indexer_loss, indices, ctx_kv
+            )
         allowed = ctx.allowed
         index_scores = None
-        if dsa or indexer_loss:
+        if (dsa and prunes) or indexer_loss:
             index_scores = self.indexer(x.detach(), qr.detach(), cos, sin, index_k)
         attend_mask = allowed
-        if dsa:
+        if dsa and prunes:
             ids = indices
             if ids is None:
                 ids = select_topk(
@@ -250,13 +261,14 @@ class MLA(nn.Module):
         ctx: AttnContext,
         indexer_loss: str | None,
         indices: torch.Tensor | None,
+        cached_kv: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """DSA through the kernels: index-based, absorbed MQA mode, nothing of size [T, S].
 
         The indexer's queries and keys go to the kernels in the model's dtype (bf16 on tensor
         cores; float32 models multiply in IEEE float32, to stay comparable with the reference),
-        its scores accumulate in float32. The KV cache's latent and rope parts are concatenated
-        per call (a copy of the cache per layer and step; one [B, S, 576] cache would avoid it)."""
+        its scores accumulate in float32. With a KV cache the kernels read its [c | k_rope] slots
+        in place (cached_kv); without one, c and k_rope are concatenated once per forward."""
         from kernels.indexer_loss import sparse_indexer_kl
         from kernels.sparse_mla import head_summed_probs, sparse_mla
         from kernels.topk import select_indices
@@ -275,7 +287,7 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope])
         q = torch.cat([q_lat, q_pe], dim=-1)
-        kv = torch.cat([c, k_pe], dim=-1)
+        kv = torch.cat([c, k_pe], dim=-1) if cached_kv is None else cached_kv
         o_lat, lse = sparse_mla(q, kv, indices, self.scale, self.kv_rank)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope :])
         out = self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))

@@ -58,8 +58,8 @@ class KVCache:
 
         self.layers = [
             LayerCache(
-                buf(args.kv_lora_rank),
-                buf(args.qk_rope_head_dim),
+                buf(args.kv_lora_rank + args.qk_rope_head_dim),
+                args.kv_lora_rank,
                 buf(args.index_head_dim, torch.float32),
             )
             for _ in range(args.num_hidden_layers)
