@@ -7,8 +7,9 @@ path; MHA with qk 192 / v 128 for the dense one; indexer 64 heads x 128; top-204
 
 - sparse MLA forward and backward: time and TFLOP/s, FLOPs counted as published kernels count
   them (forward 2 t h k (576 + 512), backward 2 t h k (3*576 + 2*512), k = the valid slots);
-- the indexer's scores (bf16, causal half counted: 2 * 64 * 128 * T (T + 1) / 2 FLOPs) and the
-  top-k, as the selection runs them (query chunks, kernels.topk.select_indices);
+- the indexer's scores (bf16 and FP8, causal half counted: 2 * 64 * 128 * T (T + 1) / 2 FLOPs,
+  against the bf16 peak) and the top-k, as the selection runs them (query chunks,
+  kernels.topk.select_indices); the DSA forward again with the FP8 indexer;
 - the DSA layer (selection + sparse MLA), forward and forward+backward, against cuDNN SDPA in
   MHA mode (causal), with the peak memory each allocates beyond its inputs;
 - with --policy: forward+backward tokens/s and peak memory of a 4-layer policy at those
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.indexer import indexer_scores  # noqa: E402
+from kernels.indexer import indexer_scores, quantize_fp8  # noqa: E402
 from kernels.sparse_mla import attention_flops, sparse_mla_bwd, sparse_mla_fwd  # noqa: E402
 from kernels.topk import select_indices  # noqa: E402
 
@@ -98,6 +99,18 @@ def _sparse(t: int, reps: int) -> dict[str, float]:
         for i in range(0, t, step):
             indexer_scores(q_idx[:, i : i + step], k_idx[:, : i + step], w_idx[:, i : i + step], i)
 
+    (q8, qs), (k8, ks) = quantize_fp8(q_idx), quantize_fp8(k_idx)
+
+    def indexer_fp8() -> None:
+        step = _chunk(t)
+        for i in range(0, t, step):
+            sl = slice(i, i + step)
+            indexer_scores(q8[:, sl], k8[:, : i + step], w_idx[:, sl], i,
+                           q_scale=qs[:, sl], k_scale=ks[:, : i + step])  # fmt: skip
+
+    def dsa_fwd_fp8() -> None:
+        sparse_mla_fwd(q, kv, select_indices(q_idx, k_idx, w_idx, TOPK, fp8=True), scale, D_V)
+
     idx = select()
     o, lse = sparse_mla_fwd(q, kv, idx, scale, D_V)
     do = torch.randn_like(o)
@@ -117,6 +130,8 @@ def _sparse(t: int, reps: int) -> dict[str, float]:
         "f_bwd": f_bwd,
         "select": _time(select, reps),
         "indexer": _time(indexer_only, reps),
+        "indexer_fp8": _time(indexer_fp8, reps),
+        "dsa_f_fp8": _time(dsa_fwd_fp8, reps),
         "fwd": _time(lambda: sparse_mla_fwd(q, kv, idx, scale, D_V), reps),
         "bwd": _time(lambda: sparse_mla_bwd(q, kv, idx, o, lse, do, scale), reps),
         "dsa_f": _time(dsa_fwd, reps),
@@ -164,10 +179,15 @@ def layer_rows(t: int, peak: float, reps: int) -> list[str]:
         f"{t} | sparse MLA fwd | {sp['fwd']:.1f} | {tf(sp['f_fwd'], sp['fwd'])} | |",
         f"{t} | sparse MLA bwd | {sp['bwd']:.1f} | {tf(sp['f_bwd'], sp['bwd'])} | |",
         f"{t} | indexer scores (bf16) | {sp['indexer']:.1f} | {tf(f_idx, sp['indexer'])} | |",
+        f"{t} | indexer scores (FP8) | {sp['indexer_fp8']:.1f} | "
+        f"{tf(f_idx, sp['indexer_fp8'])} | |",
         f"{t} | top-k (selection - indexer) | {sp['select'] - sp['indexer']:.1f} | | |",
         f"{t} | DSA layer fwd | {sp['dsa_f']:.1f} | | {sp['mem_f']:.2f} |",
         f"{t} | dense cuDNN fwd | {de['f']:.1f} | {tf(f_dense, de['f'])} | {de['mem_f']:.2f} |",
         f"{t} | **DSA / dense fwd** | **{de['f'] / sp['dsa_f']:.2f}x faster** | | |",
+        f"{t} | DSA layer fwd, FP8 indexer | {sp['dsa_f_fp8']:.1f} | | |",
+        f"{t} | **DSA (FP8 indexer) / dense fwd** | "
+        f"**{de['f'] / sp['dsa_f_fp8']:.2f}x faster** | | |",
         f"{t} | DSA layer fwd+bwd | {sp['dsa_fb']:.1f} | | {sp['mem_fb']:.2f} |",
         f"{t} | dense cuDNN fwd+bwd | {de['fb']:.1f} | {tf(3.5 * f_dense, de['fb'])} | "
         f"{de['mem_fb']:.2f} |",
@@ -217,7 +237,7 @@ def main() -> None:
     peak = _matmul_peak()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton "
           f"{triton.__version__}; bf16 matmul peak measured {peak:.0f} TFLOP/s")  # fmt: skip
-    print(f"median of {args.reps} runs after a warm-up; FP8 indexer: not implemented")
+    print(f"median of {args.reps} runs after a warm-up; FP8 rows: e4m3 q and k, one scale a row")
     if args.lengths:
         print("tokens | what | ms | TFLOP/s (of peak) | peak memory GiB")
         print("---|---|---|---|---")

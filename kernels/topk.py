@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.indexer import indexer_scores, indexer_scores_reference
-from policy.indexer import select_topk
+from kernels.indexer import indexer_scores, indexer_scores_reference, quantize_fp8
 
 # select_indices' default bound on one query chunk's float32 scores [B, chunk, S]: about 1 GiB
 # on CUDA (the indexer writes them, top-k reads them up to 5 times), small on the CPU where
@@ -53,9 +52,12 @@ _CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 22}
 
 
 def topk_indices_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """`select_topk`'s selection in topk_indices' layout: int32 [B, T, min(k, S)], positions
+    """The top-k by a stable sort (ties to the earlier position, -inf never selected; what the
+    policy's `select_topk` does) in topk_indices' layout: int32 [B, T, min(k, S)], positions
     ascending, -1 at the end."""
-    ids = select_topk(scores, k)
+    k = min(k, scores.shape[-1])
+    vals, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    ids = ids[..., :k].masked_fill(vals[..., :k] == float("-inf"), -1)
     big = torch.iinfo(ids.dtype).max
     ids = ids.masked_fill(ids < 0, big).sort(dim=-1).values  # -1 sorts last as a huge id
     return ids.masked_fill(ids == big, -1).to(torch.int32)
@@ -231,11 +233,13 @@ def select_indices(
     offset: int = 0,
     key_valid: torch.Tensor | None = None,
     query_chunk: int | None = None,
+    fp8: bool = False,
     block: int = 2048,
     num_warps: int = 8,
 ) -> torch.Tensor:
     """DSA's selection for queries q [B, T, H, D] (weights w [B, T, H]) over keys k [B, S, D]:
-    int32 [B, T, min(topk, S)], as topk_indices.
+    int32 [B, T, min(topk, S)], as topk_indices. fp8: score in FP8 (kernels.indexer's
+    quantize_fp8 of q and k, the deployed format) instead of q's dtype.
 
     Query t sits at key slot t + offset (offset: keys before the queries, e.g. a KV cache) and
     sees the keys s <= t + offset that are real (key_valid [B, S] bool; None: all real), and
@@ -257,10 +261,16 @@ def select_indices(
     out = torch.empty(b, t, min(topk, s), dtype=torch.int32, device=q.device)
     if out.numel() == 0:
         return out
+    q_scale = k_scale = None
+    if fp8:  # quantised once; each chunk reads its rows and scales
+        (q, q_scale), (k, k_scale) = quantize_fp8(q), quantize_fp8(k)
     for c0 in range(0, t, query_chunk):
         c1 = min(t, c0 + query_chunk)
         seen = max(1, min(s, c1 + offset))  # keys after the chunk's last query: invisible
-        scores = indexer_scores(q[:, c0:c1], k[:, :seen], w[:, c0:c1], offset + c0)
+        scales = {}
+        if fp8:
+            scales = {"q_scale": q_scale[:, c0:c1], "k_scale": k_scale[:, :seen]}
+        scores = indexer_scores(q[:, c0:c1], k[:, :seen], w[:, c0:c1], offset + c0, **scales)
         valid = None if key_valid is None else key_valid[:, :seen]
         _launch(scores, out[:, c0:c1], offset + c0, valid, block, num_warps)
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.indexer import indexer_scores
+from kernels.indexer import indexer_scores, quantize_fp8
 from kernels.topk import (
     select_indices,
     select_indices_reference,
@@ -137,6 +137,29 @@ def test_select_indices_matches_the_references(device, b, t, s, offset, topk, ch
     assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
     no_mask = select_indices(q, k, w, topk, offset=offset, query_chunk=chunk)
     assert torch.equal(no_mask.cpu(), select_indices_reference(q, k, w, topk, offset=offset).cpu())
+
+
+def test_the_reference_is_the_policys_selection():
+    from policy.indexer import select_topk
+
+    for kind in ("integers", "relu", "normal"):
+        scores = _causal(_scores(kind, 2, 5, 70, seed=3), 60)
+        ids = select_topk(scores, 16).long()
+        want = ids.masked_fill(ids < 0, 1 << 30).sort(-1).values
+        assert torch.equal(
+            topk_indices_reference(scores, 16), want.masked_fill(want == 1 << 30, -1).int()
+        )
+
+
+def test_select_indices_in_fp8(device):
+    """fp8=True selects the top-k of the FP8 scores of the quantised q and k."""
+    q, k, w = _indexer_inputs(2, 6, 40, seed=6)
+    q = q + torch.randn(q.shape, generator=torch.Generator().manual_seed(7))  # beyond integers
+    got = select_indices(q.to(device), k.to(device), w.to(device), 9, offset=34, fp8=True)
+    (q8, qs), (k8, ks) = quantize_fp8(q), quantize_fp8(k)
+    scores = indexer_scores(q8.to(device), k8.to(device), w.to(device), 34,
+                            q_scale=qs.to(device), k_scale=ks.to(device))  # fmt: skip
+    assert torch.equal(got.cpu(), topk_indices_reference(scores, 9).cpu())
 
 
 def test_a_query_on_a_padding_slot_sees_itself(device):
