@@ -192,7 +192,11 @@ class MLA(nn.Module):
         c = self.kv_a_layernorm(c)
         k_pe = apply_rope(k_pe, cos, sin, interleaved=True)
         # The indexer learns only from its own loss: its inputs are cut from the main graph.
-        index_k = self.indexer.keys(x.detach(), cos, sin)
+        # Without an indexer loss the indexer only feeds the (non-differentiable) top-k: no
+        # autograd graph, or its parameters would keep every chunk's [chunk, Hi, S] scores alive.
+        indexer_grad = torch.is_grad_enabled() and indexer_loss is not None
+        with torch.set_grad_enabled(indexer_grad):
+            index_k = self.indexer.keys(x.detach(), cos, sin)
         if cache is not None:
             start, end = ctx.start, ctx.start + t
             cache.latent[:, start:end] = c
@@ -213,7 +217,8 @@ class MLA(nn.Module):
         allowed = ctx.allowed
         index_scores = None
         if (dsa and prunes) or indexer_loss:
-            index_scores = self.indexer(x.detach(), qr.detach(), cos, sin, index_k)
+            with torch.set_grad_enabled(indexer_grad):
+                index_scores = self.indexer(x.detach(), qr.detach(), cos, sin, index_k)
         attend_mask = allowed
         if dsa and prunes:
             ids = indices
@@ -275,7 +280,8 @@ class MLA(nn.Module):
 
         b, t = x.shape[:2]
         dtype = c.dtype
-        q_idx, w_idx = self.indexer.queries(x.detach(), qr.detach(), ctx.cos, ctx.sin)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and indexer_loss is not None):
+            q_idx, w_idx = self.indexer.queries(x.detach(), qr.detach(), ctx.cos, ctx.sin)
         q_idx, k_idx = q_idx.to(dtype), index_k.to(dtype)
         if indices is None:
             with torch.no_grad():
