@@ -9,9 +9,11 @@ are stacked; policy.checkpoint splits them per expert).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .args import ModelArgs
@@ -110,6 +112,8 @@ class Transformer(nn.Module):
         # How DSA runs (policy/attention.py): "auto" | "reference" | "triton". Not a weight or an
         # architecture fact, so it is not saved with the checkpoint; set it on a loaded model.
         self.attention = attention
+        # Recompute each block in the backward (memory for time): a learner setting, not saved.
+        self.activation_checkpointing = False
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
@@ -186,25 +190,26 @@ class Transformer(nn.Module):
             absorb = cache is not None and cache.length > 0
         h = self.model.embed_tokens(input_ids)
         routing, own_routing, kls = [], [], []
+        # Recompute each block in the backward instead of keeping its activations: only when
+        # training with gradients and no KV cache (the cache is written in the forward).
+        recompute = (
+            self.activation_checkpointing and self.training and cache is None
+        ) and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            attn, kl = layer.self_attn(
-                layer.input_layernorm(h),
-                ctx,
-                cache=None if cache is None else cache.layers[i],
-                absorb=absorb,
-                dsa=dsa,
-                indexer_loss=indexer_loss,
-            )
-            h = h + attn
-            x = layer.post_attention_layernorm(h)
+            replay = None
+            if layer.is_moe and replay_routing is not None:
+                replay = replay_routing[:, :, len(routing)]
+            run = functools.partial(
+                self._block, layer, ctx=ctx, cache=None if cache is None else cache.layers[i],
+                absorb=absorb, dsa=dsa, indexer_loss=indexer_loss, replay=replay,
+            )  # fmt: skip
+            if recompute:
+                h, kl, ids, own = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False)
+            else:
+                h, kl, ids, own = run(h)
             if layer.is_moe:
-                replay = None if replay_routing is None else replay_routing[:, :, len(routing)]
-                ffn, ids, own = layer.mlp(x, replay)
                 routing.append(ids)
                 own_routing.append(own)
-            else:
-                ffn = layer.mlp(x)
-            h = h + ffn
             if kl is not None:
                 kls.append(kl)
         if cache is not None:
@@ -224,6 +229,37 @@ class Transformer(nn.Module):
             own_routing=stacked(own_routing),
             indexer_loss=torch.stack(kls).mean() if kls else None,
         )
+
+    @staticmethod
+    def _block(
+        layer: Block,
+        h: torch.Tensor,
+        *,
+        ctx: AttnContext,
+        cache: LayerCache | None,
+        absorb: bool,
+        dsa: bool,
+        indexer_loss: str | None,
+        replay: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """One block: (h, indexer KL or None, routing ids and the gate's own ids, or None for
+        a dense FFN)."""
+        attn, kl = layer.self_attn(
+            layer.input_layernorm(h),
+            ctx,
+            cache=cache,
+            absorb=absorb,
+            dsa=dsa,
+            indexer_loss=indexer_loss,
+        )
+        h = h + attn
+        x = layer.post_attention_layernorm(h)
+        ids = own = None
+        if layer.is_moe:
+            ffn, ids, own = layer.mlp(x, replay)
+        else:
+            ffn = layer.mlp(x)
+        return h + ffn, kl, ids, own
 
 
 def indexer_parameters(model: Transformer) -> list[nn.Parameter]:

@@ -59,6 +59,8 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up
     min_lr_ratio: float = 0.0  # cosine: the lr at the last step, as a fraction of lr
     micro_batch_tokens: int = 8192  # padded tokens per forward/backward
+    # recompute each block's activations in the backward: memory for time (long sequences)
+    activation_checkpointing: bool = False
     device: str = "cpu"  # where the learner runs (keeprl train's learner actor)
 
     def __post_init__(self) -> None:
@@ -121,6 +123,7 @@ class Learner:
         self, policy: Transformer, cfg: LearnerConfig, reference: Transformer | None = None
     ) -> None:
         self.policy, self.cfg = policy, cfg
+        policy.activation_checkpointing = cfg.optim.activation_checkpointing
         self.reference = None
         if cfg.algorithm.beta > 0:
             self.reference = reference if reference is not None else copy.deepcopy(policy)
