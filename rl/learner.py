@@ -158,9 +158,12 @@ class Learner:
         adv_all = group_advantages(batch.rewards, batch.group_ids, lcfg.std_normalize)
         n_seqs = int((batch.response_lens > 0).sum())
         n_tokens = int(batch.response_lens.sum())
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
-        gap_max = 0.0
+        dev = batch.input_ids.device
+        # Metrics accumulate on the device: one host synchronisation after the loop, not
+        # several per micro-batch.
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dev))
+        counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dev))
+        gap_max = torch.zeros((), device=dev)
         for index in micro_batches(batch, cfg.optim.micro_batch_tokens):
             mb = batch.select(index)
             adv = adv_all[index].to(mb.input_ids.device)
@@ -180,26 +183,25 @@ class Learner:
             loss = (loss_tok * w).sum()
             loss.backward()
             # Diagnostics: token means over the batch's response tokens.
-            tok = mask.float() / max(n_tokens, 1)
-            gap = (mb.old_logprobs - logp.detach()).abs() * mask
-            sums["loss"] += loss.item()
-            sums["logp_gap_mean"] += float((gap * tok).sum())
-            gap_max = max(gap_max, float(gap.max()))
-            sums["entropy"] += float((ent * tok).sum())
-            sums["clip_low_frac"] += float((info["clip_low"] * tok).sum())
-            sums["clip_high_frac"] += float((info["clip_high"] * tok).sum())
-            sums["ratio_mean"] += float((info["ratio"] * tok).sum())
-            if "kl" in info:
-                sums["kl"] += float((info["kl"] * tok).sum())
-            sums["opsm_masked_frac"] += float((~keep & (mb.response_lens > 0)).sum()) / max(
-                n_seqs, 1
-            )
-            if mb.routing is not None:  # measured with Keep Routing on too: what it overrides
-                differs, by_layer, routed = routing_disagreement(routing, mb)
-                counts["any"] += differs
-                counts["routed"] += routed
-                for i, n in enumerate(by_layer):
-                    counts[f"layer_{i}"] += n
+            with torch.no_grad():
+                tok = mask.float() / max(n_tokens, 1)
+                gap = (mb.old_logprobs - logp.detach()).abs() * mask
+                sums["loss"] += loss.detach()
+                sums["logp_gap_mean"] += (gap * tok).sum()
+                gap_max = torch.maximum(gap_max, gap.max())
+                sums["entropy"] += (ent * tok).sum()
+                sums["clip_low_frac"] += (info["clip_low"] * tok).sum()
+                sums["clip_high_frac"] += (info["clip_high"] * tok).sum()
+                sums["ratio_mean"] += (info["ratio"] * tok).sum()
+                if "kl" in info:
+                    sums["kl"] += (info["kl"] * tok).sum()
+                sums["opsm_masked_frac"] += (~keep & (mb.response_lens > 0)).sum() / max(n_seqs, 1)
+                if mb.routing is not None:  # measured with Keep Routing on too: what it overrides
+                    differs, by_layer, routed = routing_disagreement(routing, mb)
+                    counts["any"] += differs
+                    counts["routed"] += routed
+                    for i, n in enumerate(by_layer):
+                        counts[f"layer_{i}"] += n
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
         )
@@ -208,15 +210,27 @@ class Learner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        # The step's one host synchronisation: every device-side figure in a single transfer
+        # (which also waits for the optimizer step, so the time below is the device's too).
+        names = [*sums, *(f"count/{k}" for k in counts), "logp_gap_max", "grad_norm"]
+        values = torch.stack(
+            [*sums.values(), *counts.values(), gap_max, grad_norm.to(dev)]
+        ).tolist()
         secs = time.perf_counter() - start
-        if counts["routed"]:  # the share of routed tokens whose experts differ, any / by layer
-            routed = counts.pop("routed")
-            sums["routing_disagreement"] = counts.pop("any") / routed
-            sums.update({f"routing_disagreement/{k}": n / routed for k, n in counts.items()})
+        host = dict(zip(names, values, strict=True))
+        metrics = {k: v for k, v in host.items() if not k.startswith("count/")}
+        routed = host.get("count/routed", 0.0)
+        if routed:  # the share of routed tokens whose experts differ, any / by layer
+            metrics["routing_disagreement"] = host["count/any"] / routed
+            metrics.update(
+                {
+                    f"routing_disagreement/{k[6:]}": v / routed
+                    for k, v in host.items()
+                    if k.startswith("count/layer_")
+                }
+            )
         return {
-            **sums,
-            "logp_gap_max": gap_max,
-            "grad_norm": float(grad_norm),
+            **metrics,
             "lr": lr,
             "advantage_abs_mean": float(adv_all.abs().mean()),
             "response_tokens": float(n_tokens),

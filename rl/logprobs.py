@@ -260,16 +260,15 @@ def token_logprobs(
     return logp_full, ent_full, out.own_routing
 
 
-def routing_disagreement(own_routing: torch.Tensor, batch: Batch) -> tuple[int, list[int], int]:
+def routing_disagreement(
+    own_routing: torch.Tensor, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """How the model's own expert choice [B, T, n_moe, k] differs from the routing the sampler
     recorded (batch.routing), over the tokens the sampler routed: (tokens whose expert set
-    differs in any MoE layer, the same per layer, routed tokens). Counts, so micro-batches add
-    up; divide by the last for fractions."""
+    differs in any MoE layer, the same per layer [n_moe], routed tokens). Counts, as tensors on
+    the batch's device (no host synchronisation), so micro-batches add up; divide by the last
+    for fractions."""
     same = (own_routing.sort(-1).values == batch.routing.sort(-1).values).all(-1)  # [B, T, L]
     valid = batch.routed_mask
     differs = ~same & valid[..., None]
-    return (
-        int(differs.any(-1).sum()),
-        [int(x) for x in differs.sum((0, 1)).tolist()],
-        int(valid.sum()),
-    )
+    return differs.any(-1).sum(), differs.sum((0, 1)), valid.sum()

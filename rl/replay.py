@@ -87,7 +87,8 @@ def replay(
                 report["worst_tokens"] = _worst(batch, logp, gap, tok, top)
             if name == "mask only":
                 _, by_layer, routed = routing_disagreement(used, batch)
-                report["routing_disagreement_by_layer"] = [n / max(routed, 1) for n in by_layer]
+                share = by_layer.double() / routed.clamp_min(1)
+                report["routing_disagreement_by_layer"] = share.tolist()
     if verifier:
         report["rescored"] = _rescore(trajs, logged, verifier, tok)
     return report
