@@ -83,6 +83,36 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MoE(args) if self.is_moe else MLP(args.hidden_size, args.intermediate_size)
 
+    def forward(
+        self,
+        h: torch.Tensor,
+        *,
+        ctx: AttnContext,
+        cache: LayerCache | None = None,
+        absorb: bool = False,
+        dsa: bool = True,
+        indexer_loss: str | None = None,
+        replay: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """h [B, T, D] -> (h, indexer KL or None, routing ids [B, T, k] and the gate's own ids,
+        or None for a dense FFN). replay: the experts Keep Routing forces, or None."""
+        attn, kl = self.self_attn(
+            self.input_layernorm(h),
+            ctx,
+            cache=cache,
+            absorb=absorb,
+            dsa=dsa,
+            indexer_loss=indexer_loss,
+        )
+        h = h + attn
+        x = self.post_attention_layernorm(h)
+        ids = own = None
+        if self.is_moe:
+            ffn, ids, own = self.mlp(x, replay)
+        else:
+            ffn = self.mlp(x)
+        return h + ffn, kl, ids, own
+
 
 class Backbone(nn.Module):
     """embed_tokens [V, D], layers, final norm: the HF `model.` prefix of the checkpoint."""
@@ -200,7 +230,7 @@ class Transformer(nn.Module):
             if layer.is_moe and replay_routing is not None:
                 replay = replay_routing[:, :, len(routing)]
             run = functools.partial(
-                self._block, layer, ctx=ctx, cache=None if cache is None else cache.layers[i],
+                layer, ctx=ctx, cache=None if cache is None else cache.layers[i],
                 absorb=absorb, dsa=dsa, indexer_loss=indexer_loss, replay=replay,
             )  # fmt: skip
             if recompute:
@@ -229,37 +259,6 @@ class Transformer(nn.Module):
             own_routing=stacked(own_routing),
             indexer_loss=torch.stack(kls).mean() if kls else None,
         )
-
-    @staticmethod
-    def _block(
-        layer: Block,
-        h: torch.Tensor,
-        *,
-        ctx: AttnContext,
-        cache: LayerCache | None,
-        absorb: bool,
-        dsa: bool,
-        indexer_loss: str | None,
-        replay: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """One block: (h, indexer KL or None, routing ids and the gate's own ids, or None for
-        a dense FFN)."""
-        attn, kl = layer.self_attn(
-            layer.input_layernorm(h),
-            ctx,
-            cache=cache,
-            absorb=absorb,
-            dsa=dsa,
-            indexer_loss=indexer_loss,
-        )
-        h = h + attn
-        x = layer.post_attention_layernorm(h)
-        ids = own = None
-        if layer.is_moe:
-            ffn, ids, own = layer.mlp(x, replay)
-        else:
-            ffn = layer.mlp(x)
-        return h + ffn, kl, ids, own
 
 
 def indexer_parameters(model: Transformer) -> list[nn.Parameter]:
