@@ -103,11 +103,14 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def micro_batches(batch: Batch, token_budget: int) -> list[torch.Tensor]:
-    """Row indices per micro-batch: rows sorted by length, packed while rows * longest <= budget
-    (a row longer than the budget goes alone)."""
+def micro_batches(
+    batch: Batch, token_budget: int, rows: list[int] | None = None
+) -> list[torch.Tensor]:
+    """Row indices per micro-batch: rows (default: all) sorted by length, packed while
+    rows * longest <= budget (a row longer than the budget goes alone)."""
     lengths = batch.lengths.tolist()
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    rows = range(len(lengths)) if rows is None else rows
+    order = sorted(rows, key=lambda i: lengths[i])
     groups: list[list[int]] = [[]]
     for i in order:
         if groups[-1] and (len(groups[-1]) + 1) * lengths[i] > token_budget:
@@ -137,6 +140,20 @@ class Learner:
         )
         self.steps = 0
 
+    # A data-parallel learner (rl.sharded) trains on a share of the batch's rows and sums its
+    # ranks' figures; one process takes every row.
+    loss_scale = 1.0
+
+    def rows(self, batch: Batch) -> list[int] | None:
+        """The batch rows this process trains on (None: all)."""
+        return None
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def token_logprobs(
         self, model: Transformer, mb: Batch, *, entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -164,7 +181,7 @@ class Learner:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dev))
         counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=dev))
         gap_max = torch.zeros((), device=dev)
-        for index in micro_batches(batch, cfg.optim.micro_batch_tokens):
+        for index in micro_batches(batch, cfg.optim.micro_batch_tokens, self.rows(batch)):
             mb = batch.select(index)
             adv = adv_all[index].to(mb.input_ids.device)
             mask = mb.response_mask
@@ -181,7 +198,7 @@ class Learner:
             loss_tok, info = grpo_token_loss(logp, mb.old_logprobs, adv, keep, ref_logp, lcfg)
             w = token_weights(mask, lcfg.aggregation, n_seqs, n_tokens)
             loss = (loss_tok * w).sum()
-            loss.backward()
+            (loss * self.loss_scale).backward()
             # Diagnostics: token means over the batch's response tokens.
             with torch.no_grad():
                 tok = mask.float() / max(n_tokens, 1)
@@ -205,6 +222,8 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
         )
+        if hasattr(grad_norm, "full_tensor"):  # sharded parameters: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -213,9 +232,9 @@ class Learner:
         # The step's one host synchronisation: every device-side figure in a single transfer
         # (which also waits for the optimizer step, so the time below is the device's too).
         names = [*sums, *(f"count/{k}" for k in counts), "logp_gap_max", "grad_norm"]
-        values = torch.stack(
-            [*sums.values(), *counts.values(), gap_max, grad_norm.to(dev)]
-        ).tolist()
+        summed = self.all_sum(torch.stack([*sums.values(), *counts.values()]))
+        values = [*summed, self.all_max(gap_max), grad_norm.to(dev)]
+        values = torch.stack([v.to(dev).reshape(()) for v in values]).tolist()
         secs = time.perf_counter() - start
         host = dict(zip(names, values, strict=True))
         metrics = {k: v for k, v in host.items() if not k.startswith("count/")}

@@ -1,0 +1,185 @@
+"""The sharded learner: N processes forming one torch.distributed group, the policy sharded with
+FSDP2 (`fully_shard` per block and at the root), each rank training on its share of the batch.
+
+Data parallelism over a GRPO batch: every rank receives the whole batch, so advantages and the
+loss normalisation (sequences and tokens of the whole batch) are the single-process ones; rank r
+trains on rows r, r + N, ... FSDP2 averages the ranks' gradients, so each rank's partial loss is
+scaled by N to make the update the single-process sum; the step's metrics are summed (maxima
+maxed) over the ranks. NCCL on GPUs, gloo on CPUs.
+
+`LearnerWorker` is one rank as a Ray actor; `ShardedLearnerGroup` drives N of them with the same
+methods the trainer's single learner actor has (step, state_dict).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from policy import Transformer, load_pretrained
+
+from .batch import Batch
+from .learner import Learner, LearnerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def shard(model: Transformer) -> Transformer:
+    """FSDP2 over the policy: each block its own unit (gathered for its forward and backward,
+    resharded after), the embeddings, final norm and LM head in the root unit."""
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+class ShardedLearner(Learner):
+    """A Learner on one rank of an initialised process group (see the module docstring)."""
+
+    def __init__(self, policy: Transformer, cfg: LearnerConfig) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        reference = None
+        if cfg.algorithm.beta > 0:  # sharded like the policy, before the policy is
+            import copy
+
+            reference = shard(copy.deepcopy(policy)).eval().requires_grad_(False)
+        super().__init__(shard(policy), cfg, reference)
+        self.loss_scale = float(self.world)
+
+    def rows(self, batch: Batch) -> list[int]:
+        if batch.size < self.world:
+            raise ValueError(f"a batch of {batch.size} rows cannot feed {self.world} ranks")
+        return list(range(self.rank, batch.size, self.world))
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return x
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole policy's weights on the CPU, on rank 0 (empty elsewhere); every rank must
+        call it (it gathers the shards)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.policy, options=options)
+
+
+class LearnerWorker:
+    """One rank of the sharded learner, as a Ray actor (created by ShardedLearnerGroup):
+    `address()` (rank 0: a free port on its node for the rendezvous), then `setup(...)` on
+    every rank at once, then the learner's methods."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.learner: ShardedLearner | None = None
+
+    def address(self) -> str:
+        """host:port of a free TCP port on this actor's node."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def setup(
+        self,
+        address: str,
+        policy_dir: str,
+        cfg: LearnerConfig,
+        dtype: str,
+        device: str,
+        attention: str = "auto",
+    ) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(0)  # Ray shows each GPU actor its own device as cuda:0
+            device = "cuda:0"
+        dist.init_process_group(
+            "nccl" if device.startswith("cuda") else "gloo",
+            init_method=f"tcp://{address}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=datetime.timedelta(minutes=10),
+        )
+        policy = load_pretrained(policy_dir, device=device, dtype=DTYPES[dtype])
+        policy.attention = attention
+        self.learner = ShardedLearner(policy, cfg)
+
+    def step(
+        self, batch: Batch, capture_grads: bool = False
+    ) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The learner's step; with capture_grads also the whole gradients (gathered from the
+        shards before the optimizer applies them; for comparing with a single process)."""
+        if not capture_grads:
+            return self.learner.step(batch)
+        grads: dict[str, torch.Tensor] = {}
+
+        def record(*_: Any) -> None:
+            for name, p in self.learner.policy.named_parameters():
+                if p.grad is not None:  # full_tensor() is collective: every rank gathers
+                    grads[name] = p.grad.full_tensor().cpu()
+
+        hook = self.learner.optimizer.register_step_pre_hook(record)
+        try:
+            return self.learner.step(batch), grads
+        finally:
+            hook.remove()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.learner.full_state_dict()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ShardedLearnerGroup:
+    """N LearnerWorker actors as one learner: the trainer's learner-actor methods, each called
+    on every rank (they are collective); rank 0 answers."""
+
+    def __init__(
+        self,
+        world: int,
+        policy_dir: str,
+        cfg: LearnerConfig,
+        dtype: str,
+        device: str,
+        attention: str = "auto",
+        *,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+    ) -> None:
+        import ray
+
+        actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.workers = [actor.remote(rank, world) for rank in range(world)]
+        address = ray.get(self.workers[0].address.remote())
+        self._all("setup", address, policy_dir, cfg, dtype, device, attention)
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def step(self, batch: Batch, capture_grads: bool = False) -> Any:
+        """Every rank's step on the batch; rank 0's metrics (and gradients, if asked)."""
+        import ray
+
+        return self._all("step", ray.put(batch), capture_grads)[0]  # one copy of the batch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._all("state_dict")[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        self._all("shutdown")
+        for w in self.workers:
+            ray.kill(w)

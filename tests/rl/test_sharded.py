@@ -1,0 +1,74 @@
+"""The sharded learner (rl/sharded.py): 2 Ray actors on gloo, the policy under FSDP2, against
+one process on the same batch: loss, every gradient and the updated weights, with Keep
+Routing and Keep Sampling Mask on (the masked log-probs) and the KL term's reference model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from policy import save_pretrained  # noqa: E402
+from rl.learner import AlgorithmConfig, Learner, LearnerConfig, OptimConfig  # noqa: E402
+from rl.sharded import ShardedLearnerGroup  # noqa: E402
+
+PROMPT = [3, 17, 5, 42, 8]
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _single(policy, cfg, batch):
+    learner = Learner(copy.deepcopy(policy), cfg)
+    grads: dict[str, torch.Tensor] = {}
+
+    def record(*_):
+        grads.update(
+            {n: p.grad.clone() for n, p in learner.policy.named_parameters() if p.grad is not None}
+        )
+
+    learner.optimizer.register_step_pre_hook(record)
+    metrics = learner.step(batch)
+    return metrics, grads, learner.policy.state_dict()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1], ids=["no-kl", "kl"])
+def test_two_ranks_equal_one_process(cluster, tmp_path, policy, sampler, beta):
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
+    assert batch.routing is not None and batch.kept_ids is not None
+    cfg = LearnerConfig(
+        optim=OptimConfig(lr=LR, micro_batch_tokens=16), algorithm=AlgorithmConfig(beta=beta)
+    )
+    m1, g1, w1 = _single(policy, cfg, batch)
+    save_pretrained(policy, tmp_path / "policy")
+    group = ShardedLearnerGroup(2, str(tmp_path / "policy"), cfg, "float32", "cpu", num_cpus=1)
+    try:
+        m2, g2 = group.step(batch, capture_grads=True)
+        w2 = group.state_dict()
+    finally:
+        group.shutdown()
+    # The same sums in another order (two ranks' partial sums, then the reduction): float32
+    # rounding apart, equal.
+    for key in ("loss", "logp_gap_mean", "entropy", "ratio_mean", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    assert m2["routing_disagreement"] == m1["routing_disagreement"]
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert w1.keys() == w2.keys()
+    # Adam's first step moves a weight by lr * g / (|g| + eps): near-zero gradients (|g| of
+    # ~1e-7, where the ranks' float32 sums differ in the last bits) move by visibly different
+    # fractions of lr. Bound the difference by 1% of the step, lr.
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=0.01 * LR, msg=name)
+    before = policy.state_dict()
+    moved = [n for n in w1 if (w1[n] - before[n]).abs().max() > 0.5 * LR]
+    assert len(moved) > 10  # the step moved the weights by about lr, far above that bound
