@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kept import check_kept_ids
+
 # One [rows, cols] logits block, in bytes of the model dtype.
 DEFAULT_BLOCK_BYTES = 256 << 20
 # Default token chunks stay small enough that a block still spans this many vocabulary columns
@@ -69,28 +71,6 @@ def masked_logprobs_reference(
         truncated = (kept >= 0).any(-1, keepdim=True)
         z = z.masked_fill(~allowed & truncated, float("-inf"))
     return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
-
-
-def check_kept_ids(targets: torch.Tensor, kept: torch.Tensor | None, vocab: int) -> None:
-    """Targets and kept ids lie in [0, vocab) (kept ids may be -1), each truncated row holds its
-    target and no id twice (the normaliser sums kept logits). Raises ValueError."""
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ValueError(f"target ids must lie in [0, {vocab})")
-    if kept is None or kept.numel() == 0:
-        return
-    if int(kept.min()) < -1 or int(kept.max()) >= vocab:
-        raise ValueError(f"kept ids must lie in [0, {vocab}) or be -1")
-    ordered = kept.sort(-1).values
-    dup = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
-    if bool(dup.any()):
-        raise ValueError(f"token {int(dup.nonzero()[0])}: its kept ids repeat an id")
-    ok = (kept == targets.unsqueeze(-1)).any(-1) | (kept < 0).all(-1)
-    if not bool(ok.all()):
-        bad = int((~ok).nonzero()[0])
-        raise ValueError(
-            f"token {bad}: target id {int(targets[bad])} is not in its kept set; "
-            "the recorded sampling mask does not contain the sampled token"
-        )
 
 
 @triton.jit

@@ -152,7 +152,9 @@ class RayConfig:
     rollout_cpus: float = 1.0  # per rollout worker
     rollout_gpus: float = 0.0  # per rollout worker
     learner_cpus: float = 1.0  # the learner actor's
-    learner_gpus: float = 0.0  # the learner actor's (set optim.device to cuda with it)
+    learner_gpus: float = 0.0  # per learner rank (set optim.device to cuda with it)
+    # learner ranks: one process each, the policy sharded over them with FSDP2 (rl/sharded.py)
+    learner_workers: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

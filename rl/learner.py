@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from policy import Transformer
 
@@ -257,13 +262,25 @@ class Learner:
         }
 
     def state_dict(self) -> dict:
+        """Optimizer (keyed by parameter name, whole tensors on the CPU: the same on any number
+        of ranks), schedule and step count. Sharded: every rank calls it, rank 0's is whole."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": get_optimizer_state_dict(self.policy, self.optimizer, options=options),
+            "optimizer_format": "by-name",
             "scheduler": self.scheduler.state_dict(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format") == "by-name":
+            # Parameters that never had a gradient (a frozen or loss-less indexer) have no
+            # moments to restore: not strict.
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_optimizer_state_dict(
+                self.policy, self.optimizer, optim_state_dict=state["optimizer"], options=options
+            )
+        else:  # checkpoints written before the by-name format: one process's own layout
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = state["steps"]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kernels.kept import check_kept_ids
 from policy.layers import upcast
 
 if TYPE_CHECKING:
@@ -52,23 +53,6 @@ def _support(logits: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
     allowed = torch.zeros_like(logits, dtype=torch.bool)
     allowed.scatter_(1, kept.clamp_min(0), kept >= 0)
     return logits.masked_fill(~allowed & truncated, float("-inf"))
-
-
-def _check_kept(targets: torch.Tensor, kept: torch.Tensor | None) -> None:
-    """Each truncated row holds its target, and no id twice (the normaliser sums kept logits)."""
-    if kept is None:
-        return
-    ordered = kept.sort(-1).values
-    dup = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
-    if bool(dup.any()):
-        raise ValueError(f"token {int(dup.nonzero()[0])}: its kept ids repeat an id")
-    ok = (kept == targets.unsqueeze(-1)).any(-1) | (kept < 0).all(-1)
-    if not bool(ok.all()):
-        bad = int((~ok).nonzero()[0])
-        raise ValueError(
-            f"token {bad}: target id {int(targets[bad])} is not in its kept set; "
-            "the recorded sampling mask does not contain the sampled token"
-        )
 
 
 def _normaliser(z: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +180,7 @@ def masked_logprobs(
     if kept_ids is not None:
         kept_ids = kept_ids.long()
     targets = targets.long()
-    _check_kept(targets, kept_ids)
+    check_kept_ids(targets, kept_ids, lm_head_weight.shape[0])
     budget = DEFAULT_CHUNK_ELEMS.get(hidden.device.type, DEFAULT_CHUNK_ELEMS["cpu"])
     chunk = chunk_size or max(1, budget // lm_head_weight.shape[0])
     logp, entropy = _MaskedLogProbs.apply(

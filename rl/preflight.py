@@ -47,9 +47,12 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{key}: {e}") from None
     if cfg.ray.learner_gpus > 1:
         raise ConfigError(
-            f"ray.learner_gpus={cfg.ray.learner_gpus:g}: keeprl's learner is still one process "
-            "on one device (a sharded learner is not built yet); it cannot use more than 1 GPU"
+            f"ray.learner_gpus={cfg.ray.learner_gpus:g}: a learner rank uses one device; for "
+            f"{cfg.ray.learner_gpus:g} GPUs set ray.learner_workers: {cfg.ray.learner_gpus:g} "
+            "and ray.learner_gpus: 1"
         )
+    if cfg.ray.learner_workers < 1:
+        raise ConfigError(f"ray.learner_workers must be >= 1, got {cfg.ray.learner_workers}")
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint).expanduser()
         if not (path / "config.json").is_file():
@@ -110,12 +113,18 @@ def config_diff(old: Any, new: Any, path: str = "") -> list[str]:
 
 
 def check_resume(cfg: ExperimentConfig, cfg_file: Path) -> None:
-    """ConfigError unless the config equals the run's own (total_steps may change)."""
+    """ConfigError unless the config equals the run's own. trainer.total_steps may change, and
+    so may the `ray` section: resources and placement, such as the number of learner ranks (a
+    checkpoint resumes on any number), do not change what is computed."""
     try:
         old = yaml.safe_load(cfg_file.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--resume: cannot read {cfg_file}: {e}".splitlines()[0]) from None
-    keys = [k for k in config_diff(old, to_dict(cfg)) if k != "trainer.total_steps"]
+    keys = [
+        k
+        for k in config_diff(old, to_dict(cfg))
+        if k != "trainer.total_steps" and not k.startswith("ray.")
+    ]
     if keys:
         shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
         why = (
@@ -125,5 +134,5 @@ def check_resume(cfg: ExperimentConfig, cfg_file: Path) -> None:
         )
         raise ConfigError(
             f"--resume: the config differs from {cfg_file} at {shown}{why}; resume with the "
-            "same config (only trainer.total_steps may change)"
+            "same config (only trainer.total_steps and the ray section may change)"
         )

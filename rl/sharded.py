@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 
 from policy import Transformer, load_pretrained
 
+from . import checkpoint as ckpt
 from .batch import Batch
 from .learner import Learner, LearnerConfig
 
@@ -97,7 +98,10 @@ class LearnerWorker:
         dtype: str,
         device: str,
         attention: str = "auto",
+        state: dict | None = None,
     ) -> None:
+        """Join the group, load and shard the policy, restore the learner's state (a
+        checkpoint's, written by any number of ranks) if given."""
         if device.startswith("cuda"):
             torch.cuda.set_device(0)  # Ray shows each GPU actor its own device as cuda:0
             device = "cuda:0"
@@ -110,7 +114,10 @@ class LearnerWorker:
         )
         policy = load_pretrained(policy_dir, device=device, dtype=DTYPES[dtype])
         policy.attention = attention
+        self.args, self.dtype = policy.args, DTYPES[dtype]
         self.learner = ShardedLearner(policy, cfg)
+        if state is not None:
+            self.learner.load_state_dict(state)
 
     def step(
         self, batch: Batch, capture_grads: bool = False
@@ -135,14 +142,28 @@ class LearnerWorker:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.learner.full_state_dict()
 
+    def save_checkpoint(self, run_dir: str, state: ckpt.RunState, keep_last: int) -> str | None:
+        """Every rank gathers; rank 0 writes the same checkpoint one process writes (so it
+        resumes on any number of ranks). Returns its path on rank 0."""
+        weights = self.learner.full_state_dict()
+        learner_state = self.learner.state_dict()
+        path = None
+        if self.rank == 0:
+            policy = Transformer(self.args).to(self.dtype)
+            policy.load_state_dict(weights)
+            path = str(ckpt.save(run_dir, policy, learner_state, state, keep_last))
+        dist.barrier()
+        return path
+
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 class ShardedLearnerGroup:
-    """N LearnerWorker actors as one learner: the trainer's learner-actor methods, each called
-    on every rank (they are collective); rank 0 answers."""
+    """N LearnerWorker actors as one learner, with the single learner actor's methods (step,
+    state_dict, save_checkpoint), each run on every rank (they are collective); rank 0
+    answers. The trainer runs it as a Ray actor itself, so its calls look the same."""
 
     def __init__(
         self,
@@ -152,6 +173,7 @@ class ShardedLearnerGroup:
         dtype: str,
         device: str,
         attention: str = "auto",
+        state: dict | None = None,
         *,
         num_cpus: float = 1,
         num_gpus: float = 0,
@@ -161,12 +183,31 @@ class ShardedLearnerGroup:
         actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
         self.workers = [actor.remote(rank, world) for rank in range(world)]
         address = ray.get(self.workers[0].address.remote())
-        self._all("setup", address, policy_dir, cfg, dtype, device, attention)
+        state_ref = ray.put(state)  # one copy for every rank
+        self._all("setup", address, policy_dir, cfg, dtype, device, attention, state_ref)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every rank; rank order results. A rank that dies fails the call at
+        once, naming it, and the others are stopped: they would wait in their collectives
+        for the group's timeout."""
         import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except (RayActorError, WorkerCrashedError) as e:
+                rank = refs.index(done[0])
+                for w in self.workers:
+                    ray.kill(w)
+                raise RuntimeError(
+                    f"learner rank {rank} of {len(self.workers)} died during {method}: "
+                    f"{type(e).__name__}; the step is lost (resume from the last checkpoint)"
+                ) from None
+        return ray.get(refs)
 
     def step(self, batch: Batch, capture_grads: bool = False) -> Any:
         """Every rank's step on the batch; rank 0's metrics (and gradients, if asked)."""
@@ -177,9 +218,18 @@ class ShardedLearnerGroup:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]
 
+    def save_checkpoint(self, run_dir: str, state: ckpt.RunState, keep_last: int) -> str:
+        return self._all("save_checkpoint", run_dir, state, keep_last)[0]
+
     def shutdown(self) -> None:
         import ray
 
         self._all("shutdown")
         for w in self.workers:
             ray.kill(w)
+
+    def kill_rank(self, rank: int) -> None:
+        """Kill one rank's process (for fault tests)."""
+        import ray
+
+        ray.kill(self.workers[rank])

@@ -290,18 +290,28 @@ def _actors(
 
     from rollout.worker import RolloutPool
 
-    learner = (
-        ray.remote(LearnerService)
-        .options(num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
-        .remote(
-            str(policy_dir),
-            learner_config(cfg),
-            cfg.model.dtype,
-            cfg.optim.device,
-            learner_state,
-            cfg.model.attention,
+    args = (str(policy_dir), learner_config(cfg), cfg.model.dtype, cfg.optim.device)
+    if cfg.ray.learner_workers > 1:  # ranks as actors, driven by one resource-less actor
+        from .sharded import ShardedLearnerGroup
+
+        learner = (
+            ray.remote(ShardedLearnerGroup)
+            .options(num_cpus=0)
+            .remote(
+                cfg.ray.learner_workers,
+                *args,
+                cfg.model.attention,
+                learner_state,
+                num_cpus=cfg.ray.learner_cpus,
+                num_gpus=cfg.ray.learner_gpus,
+            )
         )
-    )
+    else:
+        learner = (
+            ray.remote(LearnerService)
+            .options(num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
+            .remote(*args, learner_state, cfg.model.attention)
+        )
     pool = RolloutPool(
         (cfg.rollout.engine, str(policy_dir), cfg.rollout.engine_kwargs),
         cfg.rollout.workers,

@@ -72,3 +72,45 @@ def test_two_ranks_equal_one_process(cluster, tmp_path, policy, sampler, beta):
     before = policy.state_dict()
     moved = [n for n in w1 if (w1[n] - before[n]).abs().max() > 0.5 * LR]
     assert len(moved) > 10  # the step moved the weights by about lr, far above that bound
+
+
+def test_train_with_two_ranks_resumes_on_one_and_back(tmp_path, monkeypatch, small_run):
+    """`keeprl train` with ray.learner_workers=2: its checkpoints (written by rank 0 from the
+    gathered shards) resume on one learner process, and that run's on two ranks again."""
+    import os
+
+    from rl import checkpoint as ckpt
+    from rl.cli import main as cli
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    config = "configs/native-sparse.yaml"
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    two = ["ray.learner_workers=2", "ray.learner_cpus=0.5", "ray.rollout_cpus=0.5"]
+    assert cli(["train", config, *small_run(run, cache, 2), *two]) == 0
+    assert ckpt.latest(run).name == "step_000001"
+    assert cli(["train", config, *small_run(run, cache, 3), "--resume"]) == 0
+    assert ckpt.latest(run).name == "step_000002"
+    assert cli(["train", config, *small_run(run, cache, 4), *two, "--resume"]) == 0
+    state, learner = ckpt.load_state(ckpt.latest(run))
+    # 4 batches of algorithm.updates_per_batch = 4 optimizer steps (configs/native-sparse.yaml)
+    assert state.step == 3 and learner["steps"] == 16 and learner["optimizer"]["state"]
+
+
+def test_a_rank_that_dies_mid_step_fails_the_step_at_once(cluster, tmp_path, policy, sampler):
+    """The survivors would wait in their collectives for the group's 10-minute timeout; the
+    group instead fails the step as soon as a rank's process is gone, naming it."""
+    import threading
+    import time
+
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
+    save_pretrained(policy, tmp_path / "policy")
+    cfg = LearnerConfig(optim=OptimConfig(lr=LR, micro_batch_tokens=16))
+    group = ShardedLearnerGroup(2, str(tmp_path / "policy"), cfg, "float32", "cpu", num_cpus=1)
+    killer = threading.Timer(0.3, group.kill_rank, args=(1,))
+    start = time.time()
+    killer.start()
+    with pytest.raises(RuntimeError, match="learner rank 1 of 2 died during step"):
+        for _ in range(20):  # steps until the kill lands inside one
+            group.step(batch)
+    assert time.time() - start < 120
+    killer.join()

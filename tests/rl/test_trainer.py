@@ -389,7 +389,7 @@ def test_the_deepseek_config_validates_and_says_what_it_cannot_run_yet(
         f"trainer.output_dir={run}",
     ]
     for extra, message in [
-        ([], "ray.learner_gpus=8: keeprl's learner is still one process on one device"),
+        ([], "ray.learner_gpus=8: a learner rank uses one device; for 8 GPUs set"),
         (["ray.learner_gpus=1"], "neither model.safetensors nor model.safetensors.index.json"),
     ]:
         assert cli([*args, *extra]) == 2
