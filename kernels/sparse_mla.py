@@ -435,6 +435,50 @@ def sparse_mla(
     return _SparseMLA.apply(q, kv, indices, float(scale), int(d_v))
 
 
+def decode_splits(batch: int, heads: int, k: int, device: torch.device) -> int:
+    """How many slices of its K slots one decoded token's attention is split into: enough
+    programs to fill the device twice over (one query has only heads / 64 of them unsplit),
+    each slice at least 64 slots."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * max(1, heads // 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-2 * sms // programs), k // 64))
+
+
+def sparse_mla_decode(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    d_v: int,
+    *,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA for one new token per sequence (q [B, 1, H, d_qk], indices [B, 1, K]),
+    split over its slots: each of `splits` slices of the K slots runs through the forward
+    kernel as a query of its own (so a small batch still fills the device), and the slices'
+    normalised outputs merge by their log-sum-exps. Same contract as sparse_mla_fwd, no
+    autograd (decoding)."""
+    b, t, h, d = q.shape
+    k = indices.shape[-1]
+    if t != 1:
+        raise ValueError(f"sparse_mla_decode takes one query per sequence, not {t}")
+    splits = decode_splits(b, h, k, q.device) if splits is None else splits
+    if splits <= 1:
+        return sparse_mla_fwd(q, kv, indices, scale, d_v)
+    width = -(-k // splits)
+    padded = torch.full((b, 1, splits * width), -1, dtype=indices.dtype, device=indices.device)
+    padded[..., :k] = indices
+    o_s, lse_s = sparse_mla_fwd(
+        q.expand(b, splits, h, d), kv, padded.view(b, splits, width), scale, d_v
+    )  # [B, splits, H, d_v], [B, splits, H]
+    lse = torch.logsumexp(lse_s, dim=1, keepdim=True)  # -inf only if every slot is unused
+    weight = torch.where(lse.isfinite(), (lse_s - lse).exp(), 0.0)
+    o = (o_s.float() * weight[..., None]).sum(1, keepdim=True)
+    return o.to(q.dtype), lse
+
+
 def head_summed_probs(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -495,6 +539,7 @@ __all__ = [
     "head_summed_probs_reference",
     "sparse_mla",
     "sparse_mla_bwd",
+    "sparse_mla_decode",
     "sparse_mla_fwd",
     "sparse_mla_reference",
 ]

@@ -275,7 +275,7 @@ class MLA(nn.Module):
         its scores accumulate in float32. With a KV cache the kernels read its [c | k_rope] slots
         in place (cached_kv); without one, c and k_rope are concatenated once per forward."""
         from kernels.indexer_loss import sparse_indexer_kl
-        from kernels.sparse_mla import head_summed_probs, sparse_mla
+        from kernels.sparse_mla import head_summed_probs, sparse_mla, sparse_mla_decode
         from kernels.topk import select_indices
 
         b, t = x.shape[:2]
@@ -294,7 +294,10 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope])
         q = torch.cat([q_lat, q_pe], dim=-1)
         kv = torch.cat([c, k_pe], dim=-1) if cached_kv is None else cached_kv
-        o_lat, lse = sparse_mla(q, kv, indices, self.scale, self.kv_rank)
+        if t == 1 and not torch.is_grad_enabled():  # decoding: split over the slots
+            o_lat, lse = sparse_mla_decode(q, kv, indices, self.scale, self.kv_rank)
+        else:
+            o_lat, lse = sparse_mla(q, kv, indices, self.scale, self.kv_rank)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope :])
         out = self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
         kl = None

@@ -102,9 +102,14 @@ def test_gradients_and_the_sparse_indexer_loss(device):
         assert _rel(p.grad, grads[name]) < 1e-3, name
 
 
-def test_kv_cache_decoding_equals_the_full_forward(device):
+@pytest.mark.parametrize("splits", [None, 3], ids=["device-default", "split-3"])
+def test_kv_cache_decoding_equals_the_full_forward(device, splits, monkeypatch):
     """Prefill then one token at a time (the native engine's path) gives the logits of one full
-    forward, left padding included."""
+    forward, left padding included; decoding split over the slots too."""
+    if splits is not None:
+        import kernels.sparse_mla
+
+        monkeypatch.setattr(kernels.sparse_mla, "decode_splits", lambda *_: splits)
     _, ker = _pair(device)
     tokens, mask = _batch(device, 32)
     with torch.no_grad():

@@ -140,3 +140,19 @@ def test_deepseek_dims_on_cuda(t, k):
         assert _rel(lse[:, sl], lse_ref) < 1e-3
         o_ref.backward(do[:, sl].float())
     assert _rel(qa.grad.float(), q32.grad) < 2e-2 and _rel(kva.grad.float(), kv32.grad) < 2e-2
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_split_decode_equals_one_pass(device, splits):
+    """Decoding split over the slots merges to the single pass: a ragged last slice, a slice
+    of only unused slots, a row with a single visible key."""
+    from kernels.sparse_mla import sparse_mla_decode
+
+    q, kv, idx = _inputs(3, 1, 40, 16, 32, 16, 24, torch.float32, device, seed=5, offset=20)
+    idx[1, 0, 1:] = -1  # one visible key
+    idx[2, 0, 5:] = -1  # trailing slices hold no slot
+    o1, lse1 = sparse_mla_fwd(q, kv, idx, 0.3, 32, **SMALL)
+    o2, lse2 = sparse_mla_decode(q, kv, idx, 0.3, 32, splits=splits)
+    assert _rel(o2, o1) < 1e-5 and _rel(lse2, lse1) < 1e-6
+    with pytest.raises(ValueError, match="one query"):
+        sparse_mla_decode(q.expand(3, 2, 16, 48), kv, idx.expand(3, 2, 24), 0.3, 32)
