@@ -8,11 +8,14 @@ scaled by N to make the update the single-process sum; the step's metrics are su
 maxed) over the ranks. NCCL on GPUs, gloo on CPUs.
 
 `LearnerWorker` is one rank as a Ray actor; `ShardedLearnerGroup` drives N of them with the same
-methods the trainer's single learner actor has (step, state_dict).
+methods the trainer's single learner actor has (step, state_dict, save_checkpoint).
+Checkpoints gather the shards to rank 0 and are the single-process checkpoint (the optimizer
+state keyed by parameter name), so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import socket
 from typing import Any
@@ -47,8 +50,6 @@ class ShardedLearner(Learner):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         reference = None
         if cfg.algorithm.beta > 0:  # sharded like the policy, before the policy is
-            import copy
-
             reference = shard(copy.deepcopy(policy)).eval().requires_grad_(False)
         super().__init__(shard(policy), cfg, reference)
         self.loss_scale = float(self.world)
