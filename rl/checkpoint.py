@@ -2,8 +2,10 @@
 
 A checkpoint is a directory `<run>/checkpoints/step_<N>/` holding the policy (in the
 DeepSeek-V3.2 checkpoint layout, so any engine can load it), `learner.pt` (optimizer and
-LR-schedule state), `state.json` (the step it completes, the task stream position, the
-weight version, RNG states) and `manifest.json`, the SHA-256 and size of every other file.
+LR-schedule state; a sharded learner's optimizer state is in `optimizer/`, one file a rank,
+written with torch.distributed.checkpoint between `begin` and `finish`), `state.json` (the
+step it completes, the task stream position, the weight version, RNG states) and
+`manifest.json`, the SHA-256 and size of every other file.
 It is written under a temporary name and renamed into place, so a kill at any moment leaves
 either the whole checkpoint or none; `latest()` only sees whole ones. Every load verifies the
 manifest (`verify`), so flipped or truncated bytes are named instead of loaded; `--resume`
@@ -64,24 +66,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save(
+def begin(run_dir: str | Path) -> Path:
+    """A new temporary checkpoint directory under the run's checkpoints (renamed into place by
+    `finish`); shards written by several processes go in it first."""
+    root = RunDir(run_dir).checkpoints
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=root, prefix=_TEMP_PREFIX))
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot start a checkpoint under {root}: {e.strerror or e}"
+        ) from None
+
+
+def finish(
     run_dir: str | Path,
+    tmp: Path,
     policy: Transformer,
     learner_state: dict[str, Any],
     state: RunState,
     keep_last: int = 2,
 ) -> Path:
-    """Write the checkpoint of `state.step` atomically; prune all but the newest keep_last
-    (0 keeps every checkpoint). A failed write (a full disk, say) leaves no partial
-    directory behind and raises CheckpointError."""
+    """Complete a checkpoint begun in `tmp` (whatever shards are already in it): the policy,
+    learner.pt, state.json and the manifest, then rename it into place and prune all but the
+    newest keep_last (0 keeps every checkpoint). A failed write leaves no partial directory
+    behind and raises CheckpointError."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
     root = RunDir(run_dir).checkpoints
     final = RunDir(run_dir).checkpoint(state.step)
-    tmp: Path | None = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=_TEMP_PREFIX))
         save_pretrained(policy, tmp / "policy")
         torch.save(learner_state, tmp / "learner.pt")
         meta = {
@@ -98,8 +112,7 @@ def save(
             shutil.rmtree(final)
         tmp.rename(final)
     except OSError as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"cannot write the checkpoint of step {state.step} under {root}: {e.strerror or e}"
         ) from None
@@ -107,6 +120,19 @@ def save(
         for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save(
+    run_dir: str | Path,
+    policy: Transformer,
+    learner_state: dict[str, Any],
+    state: RunState,
+    keep_last: int = 2,
+) -> Path:
+    """Write the checkpoint of `state.step` atomically (begin + finish, one process)."""
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 keeps all), got {keep_last}")
+    return finish(run_dir, begin(run_dir), policy, learner_state, state, keep_last)
 
 
 def clean_temp(run_dir: str | Path) -> list[Path]:
@@ -196,6 +222,8 @@ def load_state(
     if restore_rng:
         _set_rng_state(meta["rng"])
     learner_state = torch.load(checkpoint / "learner.pt", weights_only=False)
+    if learner_state.get("optimizer_format") == "dcp":  # shards in a directory beside it
+        learner_state["optimizer"] = str(checkpoint / learner_state["optimizer"])
     return RunState(
         meta["step"], meta["data_position"], meta["weight_version"], meta["extra"]
     ), learner_state

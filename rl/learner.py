@@ -15,9 +15,12 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -272,8 +275,39 @@ class Learner:
             "steps": self.steps,
         }
 
+    def save_optimizer_shards(self, directory: str | Path) -> dict:
+        """Write the optimizer state with torch.distributed.checkpoint, each rank its own
+        shards (every rank calls it), and return the learner state that points at them; it
+        loads on any number of ranks (load_state_dict)."""
+        dcp.save({"optimizer": get_optimizer_state_dict(self.policy, self.optimizer)},
+                 checkpoint_id=str(directory))  # fmt: skip
+        return {
+            "optimizer": Path(directory).name,
+            "optimizer_format": "dcp",
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
     def load_state_dict(self, state: dict) -> None:
-        if state.get("optimizer_format") == "by-name":
+        """A state_dict's or save_optimizer_shards' state (its "optimizer" then the shards'
+        directory, as rl.checkpoint.load_state resolves it), written by any number of ranks."""
+        if state.get("optimizer_format") == "dcp":
+            # The optimizer's own (sharded) state dict is the target the shards are read into;
+            # asking for it gives a fresh optimizer zero moments to fill. Parameters the writer
+            # never stepped (a loss-less indexer) have no shards: a partial load.
+            target = get_optimizer_state_dict(self.policy, self.optimizer)
+            dcp.load(
+                {"optimizer": target},
+                checkpoint_id=state["optimizer"],
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+            )
+            set_optimizer_state_dict(
+                self.policy,
+                self.optimizer,
+                optim_state_dict=target,
+                options=StateDictOptions(strict=False),
+            )
+        elif state.get("optimizer_format") == "by-name":
             # Parameters that never had a gradient (a frozen or loss-less indexer) have no
             # moments to restore: not strict.
             options = StateDictOptions(full_state_dict=True, strict=False)

@@ -9,8 +9,9 @@ maxed) over the ranks. NCCL on GPUs, gloo on CPUs.
 
 `LearnerWorker` is one rank as a Ray actor; `ShardedLearnerGroup` drives N of them with the same
 methods the trainer's single learner actor has (step, state_dict, save_checkpoint).
-Checkpoints gather the shards to rank 0 and are the single-process checkpoint (the optimizer
-state keyed by parameter name), so a run resumes on any number of ranks.
+Checkpoints: each rank writes its optimizer shards with torch.distributed.checkpoint, rank 0 the
+gathered weights in the serving layout; a checkpoint loads on any number of ranks (DCP
+reshards; a single process reads the shards too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,16 +145,19 @@ class LearnerWorker:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.learner.full_state_dict()
 
-    def save_checkpoint(self, run_dir: str, state: ckpt.RunState, keep_last: int) -> str | None:
-        """Every rank gathers; rank 0 writes the same checkpoint one process writes (so it
-        resumes on any number of ranks). Returns its path on rank 0."""
+    def save_checkpoint(
+        self, run_dir: str, state: ckpt.RunState, keep_last: int, tmp: str
+    ) -> str | None:
+        """Every rank writes its optimizer shards into the begun checkpoint `tmp` (torch.
+        distributed.checkpoint) and gathers the weights; rank 0 writes the policy in the
+        serving layout and completes the checkpoint. Returns its path on rank 0."""
+        learner_state = self.learner.save_optimizer_shards(Path(tmp) / "optimizer")
         weights = self.learner.full_state_dict()
-        learner_state = self.learner.state_dict()
         path = None
         if self.rank == 0:
             policy = Transformer(self.args).to(self.dtype)
             policy.load_state_dict(weights)
-            path = str(ckpt.save(run_dir, policy, learner_state, state, keep_last))
+            path = str(ckpt.finish(run_dir, Path(tmp), policy, learner_state, state, keep_last))
         dist.barrier()
         return path
 
@@ -220,7 +225,8 @@ class ShardedLearnerGroup:
         return self._all("state_dict")[0]
 
     def save_checkpoint(self, run_dir: str, state: ckpt.RunState, keep_last: int) -> str:
-        return self._all("save_checkpoint", run_dir, state, keep_last)[0]
+        tmp = str(ckpt.begin(run_dir))  # on the shared file system every rank writes to
+        return self._all("save_checkpoint", run_dir, state, keep_last, tmp)[0]
 
     def shutdown(self) -> None:
         import ray

@@ -75,8 +75,9 @@ def test_two_ranks_equal_one_process(cluster, tmp_path, policy, sampler, beta):
 
 
 def test_train_with_two_ranks_resumes_on_one_and_back(tmp_path, monkeypatch, small_run):
-    """`keeprl train` with ray.learner_workers=2: its checkpoints (written by rank 0 from the
-    gathered shards) resume on one learner process, and that run's on two ranks again."""
+    """`keeprl train` with ray.learner_workers=2: its checkpoints (each rank's optimizer shards,
+    the weights gathered to rank 0) resume on one learner process, and that run's on two ranks
+    again."""
     import os
 
     from rl import checkpoint as ckpt
@@ -88,12 +89,17 @@ def test_train_with_two_ranks_resumes_on_one_and_back(tmp_path, monkeypatch, sma
     two = ["ray.learner_workers=2", "ray.learner_cpus=0.5", "ray.rollout_cpus=0.5"]
     assert cli(["train", config, *small_run(run, cache, 2), *two]) == 0
     assert ckpt.latest(run).name == "step_000001"
+    # two ranks' optimizer shards (torch.distributed.checkpoint), listed in the manifest
+    manifest = (ckpt.latest(run) / ckpt.MANIFEST).read_text()
+    assert manifest.count(".distcp") == 2 and "optimizer/.metadata" in manifest
     assert cli(["train", config, *small_run(run, cache, 3), "--resume"]) == 0
     assert ckpt.latest(run).name == "step_000002"
+    _, one = ckpt.load_state(ckpt.latest(run), restore_rng=False)
+    assert one["optimizer_format"] == "by-name" and one["optimizer"]["state"]
     assert cli(["train", config, *small_run(run, cache, 4), *two, "--resume"]) == 0
-    state, learner = ckpt.load_state(ckpt.latest(run))
+    state, learner = ckpt.load_state(ckpt.latest(run), restore_rng=False)
     # 4 batches of algorithm.updates_per_batch = 4 optimizer steps (configs/native-sparse.yaml)
-    assert state.step == 3 and learner["steps"] == 16 and learner["optimizer"]["state"]
+    assert state.step == 3 and learner["steps"] == 16 and learner["optimizer_format"] == "dcp"
 
 
 def test_a_rank_that_dies_mid_step_fails_the_step_at_once(cluster, tmp_path, policy, sampler):
@@ -114,3 +120,42 @@ def test_a_rank_that_dies_mid_step_fails_the_step_at_once(cluster, tmp_path, pol
             group.step(batch)
     assert time.time() - start < 120
     killer.join()
+
+
+def test_optimizer_shards_load_in_one_process(cluster, tmp_path, policy, sampler):
+    """Two ranks step and checkpoint (optimizer shards by torch.distributed.checkpoint); one
+    process loads those shards and holds the moments a one-process step produces."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    from rl import checkpoint as ckpt
+
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
+    cfg = LearnerConfig(optim=OptimConfig(lr=LR, micro_batch_tokens=16))
+    single = Learner(copy.deepcopy(policy), cfg)
+    single.step(batch)
+    save_pretrained(policy, tmp_path / "policy")
+    group = ShardedLearnerGroup(2, str(tmp_path / "policy"), cfg, "float32", "cpu", num_cpus=1)
+    try:
+        group.step(batch)
+        path = group.save_checkpoint(str(tmp_path / "run"), ckpt.RunState(0, 0, 1, {}), 2)
+    finally:
+        group.shutdown()
+    _, learner_state = ckpt.load_state(ckpt.latest(tmp_path / "run"), restore_rng=False)
+    assert path.endswith("step_000000") and learner_state["optimizer_format"] == "dcp"
+    fresh = Learner(copy.deepcopy(policy), cfg)
+    fresh.load_state_dict(learner_state)
+    full = StateDictOptions(full_state_dict=True)
+    want = get_optimizer_state_dict(single.policy, single.optimizer, options=full)["state"]
+    got = get_optimizer_state_dict(fresh.policy, fresh.optimizer, options=full)["state"]
+    assert fresh.steps == single.steps == 1 and len(want) > 10
+    # The moments of gradients that match to rtol 1e-4 / atol 1e-7 (test above): exp_avg =
+    # 0.1 g, exp_avg_sq = 0.001 g^2 (twice g's relative error).
+    for name, moments in want.items():
+        assert torch.equal(got[name]["step"], moments["step"]), name
+        torch.testing.assert_close(got[name]["exp_avg"], moments["exp_avg"], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(
+            got[name]["exp_avg_sq"], moments["exp_avg_sq"], rtol=1e-3, atol=1e-12
+        )
