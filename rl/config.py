@@ -128,6 +128,9 @@ class RolloutConfig:
     samples_per_prompt: int = 8  # G, the group size
     sampling: Sampling = field(default_factory=Sampling)  # rollout.Sampling itself
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the engine
+    # 1: sample the next step while the learner trains on this one (its samples then lag the
+    # learner by one update, which pi_old and OPSM account for); 0: strictly on-policy
+    max_staleness: Literal[0, 1] = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -200,17 +200,33 @@ def _train(
             cfg.data.task_kwargs,
             position=state.data_position,
         )
-        for step in range(state.step + 1, cfg.trainer.total_steps):
-            metrics = _step(cfg, step, tok, stream, pool, scorer, learner, store)
-            crash_point("rollouts_stored", step)
-            tracker.log_step(step, metrics)
-            crash_point("metrics_pending", step)
-            _progress(step, cfg.trainer.total_steps, metrics)
-            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.trainer.total_steps:
-                run_state = ckpt.RunState(step, stream.position, step + 1, {})
+
+        def done(r: _Rollout) -> None:  # the step's learner half, then its records
+            metrics = _finish(cfg, r, pool, scorer, store)
+            crash_point("rollouts_stored", r.step)
+            tracker.log_step(r.step, metrics)
+            crash_point("metrics_pending", r.step)
+            _progress(r.step, cfg.trainer.total_steps, metrics)
+            if (r.step + 1) % cfg.checkpoint.every == 0 or r.step + 1 == cfg.trainer.total_steps:
+                run_state = ckpt.RunState(r.step, r.data_position, r.step + 1, {})
                 _checkpoint(learner, run, run_state, cfg.checkpoint.keep_last)
-                crash_point("checkpoint_written", step)
-                tracker.commit(step)
+                crash_point("checkpoint_written", r.step)
+                tracker.commit(r.step)
+
+        # max_staleness 1: step s is sampled while the learner trains on step s - 1 (with the
+        # weights from before that update), then s - 1 is finished before s is queued, so its
+        # weight push and checkpoint see exactly its own updates. 0: one step at a time.
+        in_flight: _Rollout | None = None
+        for step in range(state.step + 1, cfg.trainer.total_steps):
+            if in_flight is not None and cfg.rollout.max_staleness == 0:
+                done(in_flight)
+                in_flight = None
+            r = _rollout(cfg, step, tok, stream, pool, scorer)
+            if in_flight is not None:
+                done(in_flight)
+            in_flight = _submit(cfg, learner, r)
+        if in_flight is not None:
+            done(in_flight)
         tracker.log_artifact(RunDir(run).config)
         tracker.log_artifact(store.directory, "rollouts")
         try:  # the curves are a convenience: failing to draw them must not fail a finished run
@@ -323,18 +339,30 @@ def _actors(
     return learner, pool, RewardService(cfg.rewards)
 
 
-def _step(
+@dataclasses.dataclass
+class _Rollout:
+    """One step's sampled and scored group batch, on its way through the learner."""
+
+    step: int
+    trajs: list
+    scores: list[dict]
+    groups: list[int]
+    batch: Batch
+    rollout_s: float
+    data_position: int  # the task stream's position after this step's prompts
+    updates: list = dataclasses.field(default_factory=list)  # the learner's step refs
+    weights: Any = None  # ref to the learner's weights after this step's updates
+
+
+def _rollout(
     cfg: ExperimentConfig,
     step: int,
     tok: Tokenizer,
     stream: TaskStream,
     pool: Any,
     scorer: Any,
-    learner: Any,
-    store: RolloutStore,
-) -> dict[str, float]:
-    import ray
-
+) -> _Rollout:
+    """Sample and score step `step`'s prompts with the weights the rollout workers hold."""
     tasks = stream.take(cfg.data.prompts_per_step)
     stops = cfg.rollout.sampling.stop_token_ids
     sampling = dataclasses.replace(
@@ -364,9 +392,27 @@ def _step(
     rewards = [s["reward"] for s in scores]
     groups = [step * cfg.data.prompts_per_step + t.prompt_index for t in trajs]
     batch = Batch.from_trajectories(trajs, rewards, groups)
+    return _Rollout(step, trajs, scores, groups, batch, rollout_s, stream.position)
+
+
+def _submit(cfg: ExperimentConfig, learner: Any, r: _Rollout) -> _Rollout:
+    """Queue the step's updates on the learner actor, and the weights after them (queued in
+    order: later steps' updates cannot reach these weights)."""
+    r.updates = [learner.step.remote(r.batch) for _ in range(cfg.algorithm.updates_per_batch)]
+    r.weights = learner.state_dict.remote()
+    return r
+
+
+def _finish(
+    cfg: ExperimentConfig, r: _Rollout, pool: Any, scorer: Any, store: RolloutStore
+) -> dict[str, float]:
+    """Wait for the step's updates, push the weights after them, store the rollouts; the
+    step's metrics."""
+    import ray
+
     # The first update's metrics measure the sampler against the weights it sampled with;
     # later updates (algorithm.updates_per_batch) add their loss and clipping only.
-    updates = ray.get([learner.step.remote(batch) for _ in range(cfg.algorithm.updates_per_batch)])
+    updates = ray.get(r.updates)
     metrics = updates[0]
     if len(updates) > 1:
         last = updates[-1]
@@ -377,22 +423,25 @@ def _step(
                 if k in last
             }
         )
-    pool.update_weights(learner.state_dict.remote(), step + 1)
+    pool.update_weights(r.weights, r.step + 1)
     store.write_step(
-        step,
-        trajs,
-        rewards=rewards,
-        subscores=[s["subscores"] for s in scores],
-        failures=[s["failure"] for s in scores],
-        group_ids=groups,
+        r.step,
+        r.trajs,
+        rewards=[s["reward"] for s in r.scores],
+        subscores=[s["subscores"] for s in r.scores],
+        failures=[s["failure"] for s in r.scores],
+        group_ids=r.groups,
         overwrite=True,
     )
-    generated = sum(len(t.response_ids) for t in trajs)
+    generated = sum(len(t.response_ids) for t in r.trajs)
+    lengths = [len(t.response_ids) for t in r.trajs]
     return {
         **metrics,
-        **_reward_stats(scores, [len(t.response_ids) for t in trajs], scorer.labels),
-        "rollout_tokens_per_s": generated / rollout_s,
-        "weight_version": step + 1,
+        **_reward_stats(r.scores, lengths, scorer.labels),
+        "rollout_tokens_per_s": generated / r.rollout_s,
+        "weight_version": r.step + 1,
+        # learner updates the sampler's weights lacked: 0 on-policy, 1 with max_staleness 1
+        "staleness": r.step - min(t.weight_version for t in r.trajs),
     }
 
 

@@ -335,14 +335,14 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch, small_run):
 
     from rl import trainer
 
-    step = trainer._step
+    rollout = trainer._rollout
 
     def fails_at_step_1(cfg, n, *args):
         if n == 1:
             raise RuntimeError("the learner ran out of memory")
-        return step(cfg, n, *args)
+        return rollout(cfg, n, *args)
 
-    monkeypatch.setattr(trainer, "_step", fails_at_step_1)
+    monkeypatch.setattr(trainer, "_rollout", fails_at_step_1)
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="out of memory"):
         trainer.train(load_config(CONFIG, small_run(run, tmp_path / "cache", 3)))
@@ -400,3 +400,26 @@ def test_the_deepseek_config_validates_and_says_what_it_cannot_run_yet(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "index_top_k" in err and "index_topk" in err, err
     assert not run.exists()
+
+
+def test_max_staleness_one_overlaps_sampling_with_the_learner(tmp_path, monkeypatch, small_run):
+    """rollout.max_staleness=1: step s is sampled with the weights from before update s - 1
+    (its rollouts carry weight version s - 1 from step 1 on, and the metric says 1); every step
+    is still logged, stored and checkpointed once, and the run resumes."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*small_run(run, cache, 3), "rollout.max_staleness=1"]
+    assert cli(["train", CONFIG, *args]) == 0
+    store = RolloutStore(run / "rollouts")
+    assert store.steps() == [0, 1, 2]
+    versions = [{t.weight_version for t in store.read_step(s).trajectories} for s in range(3)]
+    assert versions == [{0}, {0}, {1}]
+    tracker = Tracker(run, experiment="keeprl")
+    assert [v for _, v in tracker.history("staleness")] == [0.0, 1.0, 1.0]
+    tracker.close()
+    assert ckpt.latest(run).name == "step_000002"
+    assert (
+        cli(["train", CONFIG, *small_run(run, cache, 4), "rollout.max_staleness=1", "--resume"])
+        == 0
+    )
+    assert RolloutStore(run / "rollouts").steps() == [0, 1, 2, 3]
