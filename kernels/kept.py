@@ -1,6 +1,6 @@
-"""Checks of the kept ids a sampler recorded (Keep Sampling Mask), shared by the masked
-log-probs' Triton path and rl.logprobs' torch path; torch only, so importing it compiles no
-kernel."""
+"""The torch-only pieces of the masked log-probs (Keep Sampling Mask) that the Triton path
+(kernels.logprobs) and rl.logprobs' chunked torch path share: the checks of the kept ids a
+sampler recorded, and the reference both are tested against. Importing it compiles no kernel."""
 
 from __future__ import annotations
 
@@ -27,3 +27,24 @@ def check_kept_ids(targets: torch.Tensor, kept: torch.Tensor | None, vocab: int)
             f"token {bad}: target id {int(targets[bad])} is not in its kept set; "
             "the recorded sampling mask does not contain the sampled token"
         )
+
+
+def masked_logprobs_reference(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    kept_ids: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log pi(targets) [N] with the full [N, V] logits materialised: matmul in the model dtype,
+    softmax in float32 (float64 for float64 inputs) over each row's kept set."""
+    z = torch.nn.functional.linear(hidden, lm_head_weight)
+    z = (z.float() if z.element_size() < 4 else z) / temperature
+    if kept_ids is not None:
+        kept = kept_ids.long()
+        allowed = torch.zeros_like(z, dtype=torch.bool)
+        allowed.scatter_(1, kept.clamp_min(0), kept >= 0)
+        truncated = (kept >= 0).any(-1, keepdim=True)
+        z = z.masked_fill(~allowed & truncated, float("-inf"))
+    return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)

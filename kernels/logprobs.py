@@ -43,34 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kept import check_kept_ids
+from kernels.kept import check_kept_ids, masked_logprobs_reference  # noqa: F401 (public here)
 
 # One [rows, cols] logits block, in bytes of the model dtype.
 DEFAULT_BLOCK_BYTES = 256 << 20
 # Default token chunks stay small enough that a block still spans this many vocabulary columns
 # (narrower blocks would make the per-block GEMMs inefficient).
 MIN_VOCAB_CHUNK = 8192
-
-
-def masked_logprobs_reference(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    targets: torch.Tensor,
-    kept_ids: torch.Tensor | None,
-    *,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """log pi(targets) [N] with the full [N, V] logits materialised: matmul in the model dtype,
-    softmax in float32 (float64 for float64 inputs) over each row's kept set."""
-    z = torch.nn.functional.linear(hidden, lm_head_weight)
-    z = (z.float() if z.element_size() < 4 else z) / temperature
-    if kept_ids is not None:
-        kept = kept_ids.long()
-        allowed = torch.zeros_like(z, dtype=torch.bool)
-        allowed.scatter_(1, kept.clamp_min(0), kept >= 0)
-        truncated = (kept >= 0).any(-1, keepdim=True)
-        z = z.masked_fill(~allowed & truncated, float("-inf"))
-    return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
 
 
 @triton.jit

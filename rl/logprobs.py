@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kernels.kept import check_kept_ids
+from kernels.kept import check_kept_ids, masked_logprobs_reference  # noqa: F401 (public here)
 from policy.layers import upcast
 
 if TYPE_CHECKING:
@@ -42,17 +42,6 @@ DEFAULT_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     # Matmul in the model dtype (as the sampler's LM head does), softmax maths in >= float32.
     return upcast(F.linear(h, weight)) / temperature
-
-
-def _support(logits: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """logits [c, V] with -inf outside each row's kept set (rows of all -1 keep everything).
-    The reference's dense formulation; the chunked path gathers the kept logits instead."""
-    if kept is None:
-        return logits
-    truncated = (kept >= 0).any(-1, keepdim=True)
-    allowed = torch.zeros_like(logits, dtype=torch.bool)
-    allowed.scatter_(1, kept.clamp_min(0), kept >= 0)
-    return logits.masked_fill(~allowed & truncated, float("-inf"))
 
 
 def _normaliser(z: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,22 +176,6 @@ def masked_logprobs(
         hidden, lm_head_weight, targets, kept_ids, float(temperature), chunk, return_entropy
     )
     return (logp, entropy) if return_entropy else logp
-
-
-def masked_logprobs_reference(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    targets: torch.Tensor,
-    kept_ids: torch.Tensor | None,
-    *,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """The same quantity with the full [N, V] logits materialised (for tests and benchmarks)."""
-    z = _support(
-        _chunk_logits(hidden, lm_head_weight, temperature),
-        None if kept_ids is None else kept_ids.long(),
-    )
-    return z.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
 
 
 def token_logprobs(
