@@ -19,6 +19,7 @@ path; MHA with qk 192 / v 128 for the dense one; indexer 64 heads x 128; top-204
 Every TFLOP/s is also given as a fraction of the bf16 matmul peak measured in the same run.
 
     python benchmarks/dsa.py [--lengths 8192 32768 65536 131072] [--policy 32768 131072]
+        [--checkpointing]
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def layer_rows(t: int, peak: float, reps: int) -> list[str]:
     ]
 
 
-def policy_row(t: int, impl: str, reps: int) -> str:
+def policy_row(t: int, impl: str, reps: int, checkpointing: bool) -> str:
     from policy import Transformer, preset
 
     args = preset(
@@ -207,6 +208,7 @@ def policy_row(t: int, impl: str, reps: int) -> str:
     )
     torch.manual_seed(0)
     model = Transformer(args, attention=impl).to("cuda", torch.bfloat16)
+    model.activation_checkpointing = checkpointing
     tokens = torch.randint(0, args.vocab_size, (1, t), device="cuda")
 
     def step() -> None:
@@ -233,6 +235,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--policy", type=int, nargs="*", default=[])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="policy rows with activation checkpointing"
+    )
     args = parser.parse_args()
     peak = _matmul_peak()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton "
@@ -246,11 +251,13 @@ def main() -> None:
                 print(row, flush=True)
             torch.cuda.empty_cache()
     if args.policy:
-        print("\n4-layer policy, forward+backward\ntokens | attention | tokens/s | ms | peak GiB")
+        state = "on" if args.checkpointing else "off"
+        print(f"\n4-layer policy, forward+backward, activation checkpointing {state}")
+        print("tokens | attention | tokens/s | ms | peak GiB")
         print("---|---|---|---|---")
         for t in args.policy:
             for impl in ("triton", "reference"):
-                print(policy_row(t, impl, args.reps), flush=True)
+                print(policy_row(t, impl, args.reps, args.checkpointing), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Configurations (`--config`):
   sequences x 4,096 tokens (256 prompt + 3,840 response) in micro-batches of 8,192 tokens;
   AdamW, OPSM, Keep Routing and Keep Sampling Mask on (20 kept ids a token).
 - `moe-16k` (CUDA): the same policy, 2 sequences x 16,384 tokens, activation checkpointing on.
+- `moe-32k` (CUDA): the same policy, 1 sequence x 32,768 tokens, activation checkpointing on.
 - `tiny` (any device, the CPU test suite runs it): the tiny policy, 4 x 64 tokens.
 
 The batch's old log-probs and routing are the policy's own (a no-grad pass before timing), so
@@ -19,7 +20,7 @@ index_topk), plus the indexer's scores 2 x its heads x its dim x (position + 1),
 (nothing trains it in a policy-gradient step). MFU divides the achieved FLOP/s by a matmul
 measured in the same run (bf16 8192^3 on CUDA, float32 2048^3 on the CPU).
 
-    python benchmarks/learner.py --config moe-4k [--steps 3] [--json out.json]
+    python benchmarks/learner.py --config moe-4k [--attention reference] [--steps 3] [--json f]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rl.learner import AlgorithmConfig, Learner, LearnerConfig, OptimConfig  # n
 CONFIGS = {
     "moe-4k": dict(seqs=8, tokens=4096, prompt=256, micro=8192, ckpt=False),
     "moe-16k": dict(seqs=2, tokens=16384, prompt=256, micro=16384, ckpt=True),
+    "moe-32k": dict(seqs=1, tokens=32768, prompt=256, micro=32768, ckpt=True),
     "tiny": dict(seqs=4, tokens=64, prompt=8, micro=128, ckpt=False),
 }
 KEPT = 20
@@ -144,12 +146,14 @@ def make_batch(policy: Transformer, learner: Learner, cfg: dict, seed: int = 0) 
     return batch
 
 
-def run(config: str, device: str, steps: int, profile: bool = True) -> dict:
+def run(
+    config: str, device: str, steps: int, profile: bool = True, attention: str = "auto"
+) -> dict:
     cfg = CONFIGS[config]
     args = policy_args(config)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    policy = Transformer(args).to(device, dtype)
+    policy = Transformer(args, attention=attention).to(device, dtype)
     learner = Learner(
         policy,
         LearnerConfig(
@@ -174,6 +178,7 @@ def run(config: str, device: str, steps: int, profile: bool = True) -> dict:
     peak = matmul_peak(device)
     out = {
         "config": config,
+        "attention": attention,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "params": sum(p.numel() for p in policy.parameters()),
@@ -193,7 +198,13 @@ def run(config: str, device: str, steps: int, profile: bool = True) -> dict:
             learner.step(batch)
             _sync(device)
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+        events = list(prof.key_averages())
+        if device == "cuda":
+            # Kernels only: a Triton launch inside an autograd Function is also counted as
+            # that Function's own device time, which would count it twice.
+            cuda = torch.autograd.DeviceType.CUDA
+            events = [e for e in events if getattr(e, "device_type", None) == cuda] or events
+        events.sort(key=lambda e: getattr(e, key, 0), reverse=True)
         total = sum(getattr(e, key, 0) for e in events) or 1
         out["top_kernels"] = [
             {"name": e.key[:80], "share": getattr(e, key, 0) / total} for e in events[:5]
@@ -203,8 +214,9 @@ def run(config: str, device: str, steps: int, profile: bool = True) -> dict:
 
 def render(r: dict) -> str:
     lines = [
-        f"{r['config']} on {r['device']} (torch {r['torch']}): {r['params'] / 1e6:,.1f}M "
-        f"parameters, {r['tokens_per_step']} tokens a step",
+        f"{r['config']} ({r.get('attention', 'auto')} attention) on {r['device']} "
+        f"(torch {r['torch']}): {r['params'] / 1e6:,.1f}M parameters, "
+        f"{r['tokens_per_step']} tokens a step",
         f"step {r['step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
         f"{r['model_flops_per_token'] / 1e9:.3g} GFLOP per token, MFU {r['mfu']:.1%} of a "
         f"matmul measured at {r['matmul_peak_tflops']:.3g} TFLOP/s",
@@ -222,9 +234,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     a = parser.parse_args()
-    result = run(a.config, a.device, a.steps, profile=not a.no_profile)
+    result = run(a.config, a.device, a.steps, profile=not a.no_profile, attention=a.attention)
     print(render(result))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

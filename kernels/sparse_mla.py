@@ -11,10 +11,11 @@ indices[t, :] (int32, -1 = unused slot), so work and memory are O(T * K), not O(
 
 Forward: one program per (query, block of heads); it walks the query's indices in blocks,
 gathers those kv rows once for all heads of the block (the latent part serves as key and as
-value), and keeps an online softmax. Backward: two kernels recompute the probabilities from lse;
-one accumulates dq per (query, block of heads), the other d kv per (query, block of slots),
-summed over all heads, then added into a float32 buffer with atomics (a key is selected by many
-queries), so dkv's summation order varies run to run in the last bits; dq is deterministic.
+value), and keeps an online softmax. Backward, in query chunks: one kernel recomputes the
+probabilities from lse per (query, block of heads), accumulates dq and stores ds and p; a
+second sums those over all heads per (query, block of slots) as one product with the heads as
+its inner dimension and adds each row into a float32 dkv with atomics (a key is selected by
+many queries), so dkv's summation order varies run to run in the last bits; dq is deterministic.
 `head_summed_probs` gives sum_h p[t, h, i] / H, the main attention's distribution over the
 selected set that the indexer learns from.
 
@@ -120,18 +121,21 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, K, sm_scale,
+    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, ps_ptr,
+    T, K, H, sm_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kvb, stride_kvs,
     stride_ib, stride_it,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lt,
+    stride_pb, stride_pt,
     DL: tl.constexpr, DR: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     H_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """dq of one (query, block of heads): the forward's walk over the selected keys again."""
+    """dq of one (query, block of heads): the forward's walk over the selected keys again. It
+    also stores the block's ds and p (in q's dtype, as the dkv products take them) to
+    ps[b, t, h, i] and ps[b, t, H + h, i], for _bwd_dkv_kernel."""
     # (query, head block) flattened on grid axis 0: axes 1 and 2 stop at 65,535 and a query's
     # head blocks run side by side, sharing its gathered rows in L2. int64: t * stride_qt
     # passes 2^31 from ~29K tokens at 128 heads x 576.
@@ -155,6 +159,7 @@ def _bwd_dq_kernel(
     idx_base = idx_ptr + b * stride_ib + t * stride_it
     dq_lat = tl.zeros((BLOCK_H, DL), tl.float32)
     dq_rope = tl.zeros((BLOCK_H, DR), tl.float32)
+    ps_row = ps_ptr + b * stride_pb + t * stride_pt + offs_h[:, None] * K
     for start in range(0, K, BLOCK_N):
         n = start + offs_n
         idx = tl.load(idx_base + n, mask=n < K, other=-1)
@@ -170,6 +175,9 @@ def _bwd_dq_kernel(
         ds = (p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype)
         dq_lat += tl.dot(ds, k_lat, input_precision=PREC)
         dq_rope += tl.dot(ds, k_rope, input_precision=PREC)
+        in_k = (n < K)[None, :]
+        tl.store(ps_row + n[None, :], ds, mask=in_k)
+        tl.store(ps_row + H * K + n[None, :], p.to(k_lat.dtype), mask=in_k)
     dq_row = dq_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
     tl.store(dq_row + offs_l[None, :], dq_lat.to(dq_ptr.dtype.element_ty))
     tl.store(dq_row + DL + offs_r[None, :], dq_rope.to(dq_ptr.dtype.element_ty))
@@ -177,60 +185,52 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkv_kernel(
-    q_ptr, kv_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr,
-    T, K, H, sm_scale,
+    q_ptr, idx_ptr, do_ptr, ps_ptr, dkv_ptr,
+    K, H,
     stride_qb, stride_qt, stride_qh,
-    stride_kvb, stride_kvs,
     stride_ib, stride_it,
     stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lt,
+    stride_pb, stride_pt,
     stride_dkb, stride_dks,
-    DL: tl.constexpr, DR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    DL: tl.constexpr, DR: tl.constexpr, HP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     N_BLOCKS: tl.constexpr,
 ):  # fmt: skip
-    """d kv rows of one (query, block of its selected slots), summed over every head before
-    one atomic add per row: dkv[s] += sum_h ds[h, s] q[h] (key part) + p[h, s] do[h] (value)."""
+    """d kv rows of one (query, block of its selected slots), summed over all heads, from the
+    ds and p that _bwd_dq_kernel stored: one product with the heads as its inner dimension,
+    dkv[s] += sum_h ds[h, s] q[h] (key part) + p[h, s] do[h] (value part, the latent columns),
+    in column blocks, each added into the float32 dkv with one atomic add per element."""
     # (query, slot block) flattened on grid axis 0, as in the forward.
     t, pid_n = (tl.program_id(0) // N_BLOCKS).to(tl.int64), tl.program_id(0) % N_BLOCKS
     b = tl.program_id(1).to(tl.int64)
-    offs_l, offs_r = tl.arange(0, DL), tl.arange(0, DR)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.load(idx_ptr + b * stride_ib + t * stride_it + n, mask=n < K, other=-1)
     valid = idx >= 0
     if tl.max(valid.to(tl.int32), 0) == 0:  # trailing unused slots of an early query
         return
-    safe = tl.where(valid, idx, 0).to(tl.int64)
-    rows = kv_ptr + b * stride_kvb + safe[:, None] * stride_kvs
-    k_lat = tl.load(rows + offs_l[None, :], mask=valid[:, None], other=0.0)
-    k_rope = tl.load(rows + DL + offs_r[None, :], mask=valid[:, None], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
-    acc_lat = tl.zeros((BLOCK_N, DL), tl.float32)
-    acc_rope = tl.zeros((BLOCK_N, DR), tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        q_row = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
-        q_lat = tl.load(q_row + offs_l[None, :])
-        q_rope = tl.load(q_row + DL + offs_r[None, :])
-        do = tl.load(
-            do_ptr + b * stride_ob + t * stride_ot + offs_h[:, None] * stride_oh + offs_l[None, :]
-        )
-        lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + offs_h)
-        delta = tl.load(delta_ptr + b * stride_lb + t * stride_lt + offs_h)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PREC) + tl.dot(
-            q_rope, tl.trans(k_rope), input_precision=PREC
-        )
-        p = tl.where(valid[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(k_lat), input_precision=PREC)
-        ds_t = tl.trans((p * (dp - delta[:, None]) * sm_scale).to(k_lat.dtype))
-        acc_lat += tl.dot(ds_t, q_lat, input_precision=PREC) + tl.dot(
-            tl.trans(p.to(k_lat.dtype)), do
-        )
-        acc_rope += tl.dot(ds_t, q_rope, input_precision=PREC)
-    dst = dkv_ptr + b * stride_dkb + safe[:, None] * stride_dks
-    tl.atomic_add(dst + offs_l[None, :], acc_lat, mask=valid[:, None])
-    tl.atomic_add(dst + DL + offs_r[None, :], acc_rope, mask=valid[:, None])
+    offs_h = tl.arange(0, HP)
+    in_h = offs_h < H
+    # ds^T and p^T [slots, heads]: stored heads-major, read transposed.
+    ps_rows = ps_ptr + b * stride_pb + t * stride_pt + offs_h[None, :] * K + n[:, None]
+    in_hn = in_h[None, :] & (n < K)[:, None]
+    ds_t = tl.load(ps_rows, mask=in_hn, other=0.0)
+    p_t = tl.load(ps_rows + H * K, mask=in_hn, other=0.0)
+    q_rows = q_ptr + b * stride_qb + t * stride_qt + offs_h[:, None] * stride_qh
+    do_rows = do_ptr + b * stride_ob + t * stride_ot + offs_h[:, None] * stride_oh
+    dst = dkv_ptr + b * stride_dkb + tl.where(valid, idx, 0).to(tl.int64)[:, None] * stride_dks
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, DL, BLOCK_D):
+        cols = d0 + offs_d
+        q_d = tl.load(q_rows + cols[None, :], mask=in_h[:, None], other=0.0)
+        do_d = tl.load(do_rows + cols[None, :], mask=in_h[:, None], other=0.0)
+        acc = tl.dot(ds_t, q_d, input_precision=PREC) + tl.dot(p_t, do_d, input_precision=PREC)
+        # Relaxed: only the sums matter; acq_rel (Triton's default) fences each add, 1.6x
+        # the whole backward's time on an H200.
+        tl.atomic_add(dst + cols[None, :], acc, mask=valid[:, None], sem="relaxed")
+    offs_r = tl.arange(0, DR)
+    q_r = tl.load(q_rows + DL + offs_r[None, :], mask=in_h[:, None], other=0.0)
+    acc_r = tl.dot(ds_t, q_r, input_precision=PREC)
+    tl.atomic_add(dst + DL + offs_r[None, :], acc_r, mask=valid[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -368,15 +368,18 @@ def sparse_mla_bwd(
     scale: float,
     *,
     dq_config: tuple[int, int, int, int] = (64, 64, 8, 1),
-    dkv_config: tuple[int, int, int, int] = (16, 32, 4, 1),
+    dkv_config: tuple[int, int, int, int] = (128, 64, 4, 1),
+    chunk_bytes: int = 1 << 30,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward kernels: (dq [B, T, H, D] in q's dtype, dkv [B, S, D] in kv's dtype).
 
-    Two kernels, each with one accumulator that fits in registers: dq walks a query's slots per
-    block of heads (like the forward), dkv walks a query's heads per block of slots. They
-    recompute the scores separately, 1.4x the FLOPs of a single pass, in exchange for tiles
-    the tensor cores take whole. Configs: (block_h, block_n, num_warps, num_stages); the defaults
-    are the fastest of a sweep on an H200 at 8K tokens, 128 heads, top-2048 (docs/benchmarks.md).
+    In query chunks of about `chunk_bytes` of ds and p: _bwd_dq_kernel walks each query's slots
+    per block of heads (like the forward), accumulates dq and stores ds and p [chunk, 2H, K];
+    _bwd_dkv_kernel then sums them over the heads per block of slots as one product whose inner
+    dimension is all H heads (a tile the tensor cores take whole) and adds each row into dkv.
+    The scores are computed once. Configs: dq (block_h, block_n, num_warps, num_stages), dkv
+    (block_n slots, block_d columns, num_warps, num_stages); the defaults are the fastest of
+    a sweep on an H200 at 8K tokens, 128 heads, top-2048 (docs/benchmarks.md).
     """
     d_l, d_r = _check(q, kv, indices, o.shape[-1])
     b, t, h, _ = q.shape
@@ -391,22 +394,35 @@ def sparse_mla_bwd(
         delta[:, i : i + step] = (o[:, i : i + step].float() * do[:, i : i + step].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    common = (*_strides(q, 3), *_strides(kv, 2), *_strides(indices, 2), *_strides(do, 3))
-    bh, block_n, warps, stages = dq_config
+    tc = max(1, min(t, chunk_bytes // (b * 2 * h * k * q.element_size())))
+    ps = torch.empty(b, tc, 2 * h, k, dtype=q.dtype, device=q.device)
+    bh, bn_q, warps, stages_q = dq_config
     bh = _block_h(h, bh)
-    _fitted(lambda bn, st: _bwd_dq_kernel[(t * (h // bh), b)](
-        q, kv, indices, do, lse, delta, dq, t, k, scale, *common, *_strides(lse, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, PREC=_precision(q), H_BLOCKS=h // bh,
-        num_warps=warps, num_stages=st,
-    ), block_n, stages)  # fmt: skip
-    bh2, block_n, warps2, stages = dkv_config
-    bh2 = _block_h(h, bh2)
-    _fitted(lambda bn, st: _bwd_dkv_kernel[(t * triton.cdiv(k, bn), b)](
-        q, kv, indices, do, lse, delta, dkv, t, k, h, scale, *common, *_strides(lse, 2),
-        *_strides(dkv, 2),
-        DL=d_l, DR=d_r, BLOCK_H=bh2, BLOCK_N=bn, PREC=_precision(q), N_BLOCKS=triton.cdiv(k, bn),
-        num_warps=warps2, num_stages=st,
-    ), block_n, stages)  # fmt: skip
+    bn_kv, bd, warps2, stages_kv = dkv_config
+    bd = min(bd, d_l)
+    prec = _precision(q)
+
+    def chunk(sl: slice) -> None:
+        n_t = sl.stop - sl.start
+        q_c, i_c, do_c = q[:, sl], indices[:, sl], do[:, sl]
+        lse_c, delta_c, dq_c = lse[:, sl], delta[:, sl], dq[:, sl]
+        common = (*_strides(q_c, 3), *_strides(kv, 2), *_strides(i_c, 2), *_strides(do_c, 3))
+        _fitted(lambda bn, st: _bwd_dq_kernel[(n_t * (h // bh), b)](
+            q_c, kv, i_c, do_c, lse_c, delta_c, dq_c, ps, n_t, k, h, scale, *common,
+            *_strides(lse_c, 2), *_strides(ps, 2),
+            DL=d_l, DR=d_r, BLOCK_H=bh, BLOCK_N=bn, PREC=prec, H_BLOCKS=h // bh,
+            num_warps=warps, num_stages=st,
+        ), bn_q, stages_q)  # fmt: skip
+        _fitted(lambda bn, st: _bwd_dkv_kernel[(n_t * triton.cdiv(k, bn), b)](
+            q_c, i_c, do_c, ps, dkv, k, h,
+            *_strides(q_c, 3), *_strides(i_c, 2), *_strides(do_c, 3), *_strides(ps, 2),
+            *_strides(dkv, 2),
+            DL=d_l, DR=d_r, HP=triton.next_power_of_2(h), BLOCK_N=bn, BLOCK_D=bd, PREC=prec,
+            N_BLOCKS=triton.cdiv(k, bn), num_warps=warps2, num_stages=st,
+        ), bn_kv, stages_kv)  # fmt: skip
+
+    for t0 in range(0, t, tc):
+        chunk(slice(t0, min(t, t0 + tc)))
     return dq, dkv.to(kv.dtype)
 
 
