@@ -17,7 +17,9 @@ and the sparse indexer loss works on the same indices, so no [T, S] tensor exist
 triton on CUDA when the shapes suit the kernels (heads a multiple of 16; kv_lora_rank,
 qk_rope_head_dim and index_head_dim powers of two >= 16), else the reference. The dense stage
 (dsa=False), the dense indexer loss and sequences of at most index_topk keys (where DSA selects
-every visible key, i.e. is dense attention: MHA through SDPA) run the reference.
+every visible key, i.e. is dense attention: MHA through SDPA) run the reference; on the triton
+path, the first index_topk queries of a longer fresh sequence likewise run as dense MHA
+attention (`MLA._dense_head`) and the rest through the kernels.
 """
 
 from __future__ import annotations
@@ -254,6 +256,30 @@ class MLA(nn.Module):
             kl = indexer_kl(probs, index_scores, support, ctx.query_valid.float())
         return out, kl
 
+    def _dense_head(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        k_pe: torch.Tensor,
+        key_valid: torch.Tensor,
+        n: int,
+    ) -> torch.Tensor:
+        """Attention of a fresh sequence's first n queries to its first n keys in MHA mode, with
+        the visibility of AttnContext.allowed (causal, real keys, always itself): [B, n, H, v]."""
+        b = c.shape[0]
+        kv = self.kv_b_proj(c[:, :n]).view(b, n, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :n, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope[:, :n], q_pe[:, :n]], dim=-1)
+        slot = torch.arange(n, device=c.device)
+        causal = slot.view(1, n, 1) >= slot.view(1, 1, n)
+        allowed = (causal & key_valid[:, None, :n]) | (slot.view(1, n, 1) == slot.view(1, 1, n))
+        o, _ = _attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, self.scale, False
+        )
+        return o.transpose(1, 2)
+
     def _sparse(
         self,
         x: torch.Tensor,
@@ -280,25 +306,38 @@ class MLA(nn.Module):
 
         b, t = x.shape[:2]
         dtype = c.dtype
+        # The first index_topk queries of a fresh sequence see at most index_topk keys, all of
+        # which DSA selects: for them DSA is dense causal attention, which SDPA runs in MHA mode
+        # at the tensor cores' rate, where the sparse kernels would gather every visible row
+        # for a few heads. Not with a cache or given indices (decoding, replay: one path for
+        # all queries) nor with the indexer loss (it needs every query's selection).
+        n_dense = 0
+        if cached_kv is None and indices is None and indexer_loss is None and ctx.start == 0:
+            n_dense = min(t, self.indexer.index_topk)
+        x_s, qr_s = x[:, n_dense:].detach(), qr[:, n_dense:].detach()
+        cos_s, sin_s = ctx.cos[:, n_dense:], ctx.sin[:, n_dense:]
         with torch.set_grad_enabled(torch.is_grad_enabled() and indexer_loss is not None):
-            q_idx, w_idx = self.indexer.queries(x.detach(), qr.detach(), ctx.cos, ctx.sin)
+            q_idx, w_idx = self.indexer.queries(x_s, qr_s, cos_s, sin_s)
         q_idx, k_idx = q_idx.to(dtype), index_k.to(dtype)
         if indices is None:
             with torch.no_grad():
                 indices = select_indices(
                     q_idx, k_idx, w_idx, self.indexer.index_topk,
-                    offset=ctx.start, key_valid=ctx.key_valid,
+                    offset=ctx.start + n_dense, key_valid=ctx.key_valid,
                 )  # fmt: skip
         indices = indices.to(torch.int32)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, : self.nope])
-        q = torch.cat([q_lat, q_pe], dim=-1)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope[:, n_dense:], w[:, : self.nope])
+        q = torch.cat([q_lat, q_pe[:, n_dense:]], dim=-1)
         kv = torch.cat([c, k_pe], dim=-1) if cached_kv is None else cached_kv
         if t == 1 and not torch.is_grad_enabled():  # decoding: split over the slots
             o_lat, lse = sparse_mla_decode(q, kv, indices, self.scale, self.kv_rank)
         else:
             o_lat, lse = sparse_mla(q, kv, indices, self.scale, self.kv_rank)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.nope :])
+        if n_dense:
+            head = self._dense_head(q_nope, q_pe, c, k_pe, ctx.key_valid, n_dense)
+            out = torch.cat([head, out], dim=1)
         out = self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
         kl = None
         if indexer_loss == "sparse":

@@ -102,6 +102,31 @@ def test_gradients_and_the_sparse_indexer_loss(device):
         assert _rel(p.grad, grads[name]) < 1e-3, name
 
 
+def test_gradients_of_a_policy_gradient_step(device, monkeypatch):
+    """No indexer loss (the learner's step): the first index_topk queries take the dense MHA
+    head and the rest the sparse kernels; every gradient equals the reference's."""
+    from policy.attention import MLA
+
+    calls = []
+    dense_head = MLA._dense_head
+
+    def spy(self, *args):
+        calls.append(args[-1])
+        return dense_head(self, *args)
+
+    monkeypatch.setattr(MLA, "_dense_head", spy)
+    ref, ker = _pair(device)
+    tokens, mask = _batch(device, 24)
+    grads = []
+    for model in (ref, ker):
+        model(tokens, attention_mask=mask).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert calls and set(calls) == {KERNEL_TINY["index_topk"]}  # the kernel path only
+    assert grads[1].keys() == grads[0].keys()
+    for name, g in grads[1].items():
+        assert _rel(g, grads[0][name]) < 1e-3, name
+
+
 @pytest.mark.parametrize("splits", [None, 3], ids=["device-default", "split-3"])
 def test_kv_cache_decoding_equals_the_full_forward(device, splits, monkeypatch):
     """Prefill then one token at a time (the native engine's path) gives the logits of one full
