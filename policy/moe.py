@@ -124,11 +124,17 @@ class _SegmentLinear(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x [M, in] sorted by expert, counts[e] rows for expert e, times weight [E, out, in]
-    transposed: [M, out]. One grouped GEMM (torch._grouped_mm) where it runs, else a loop over
-    the experts' segments with a single stacked weight gradient."""
+    transposed: [M, out]. One grouped GEMM: torch._grouped_mm where it runs; on other CUDA
+    devices in bf16/fp16, the Triton kernel (kernels/grouped_gemm.py); else (the CPU, float32
+    models, which are for checking) a loop over the experts' segments with a single stacked
+    weight gradient."""
     if _grouped_mm_ok(x, weight):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        from kernels.grouped_gemm import grouped_linear_triton
+
+        return grouped_linear_triton(x.contiguous(), weight, counts)
     return _SegmentLinear.apply(x, weight, counts.tolist())
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 KERNEL_MODULES = (
+    "kernels.grouped_gemm",
     "kernels.indexer",
     "kernels.logprobs",
     "kernels.indexer_loss",
