@@ -13,7 +13,7 @@ Configurations (`--config`):
 
 The batch's old log-probs and routing are the policy's own (a no-grad pass before timing), so
 the ratio starts at 1 as on-policy data does. Model FLOPs per trained token, stated as computed
-(`model_flops_per_token`): 6 x the matmul parameters a token uses (attention and indexer
+(`rl.plan.model_flops_per_token`): 6 x the matmul parameters a token uses (attention and indexer
 projections, the dense FFN or the shared + active routed experts, the gate, the LM head), plus
 attention 3 x 2 x heads x (qk + v head dims) x the keys DSA lets it see, min(position + 1,
 index_topk), plus the indexer's scores 2 x its heads x its dim x (position + 1), forward only
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policy import ModelArgs, Transformer, preset  # noqa: E402
 from rl.batch import Batch  # noqa: E402
 from rl.learner import AlgorithmConfig, Learner, LearnerConfig, OptimConfig  # noqa: E402
+from rl.plan import model_flops_per_token  # noqa: E402
 
 CONFIGS = {
     "moe-4k": dict(seqs=8, tokens=4096, prompt=256, micro=8192, ckpt=False),
@@ -64,39 +65,6 @@ def policy_args(config: str) -> ModelArgs:
         n_group=8,
         topk_group=4,
     )
-
-
-def model_flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token of a sequence of seq_len tokens (see the module docstring)."""
-    d, h = args.hidden_size, args.num_attention_heads
-    attn = (
-        d * args.q_lora_rank
-        + args.q_lora_rank * h * args.qk_head_dim
-        + d * (args.kv_lora_rank + args.qk_rope_head_dim)
-        + args.kv_lora_rank * h * (args.qk_nope_head_dim + args.v_head_dim)
-        + h * args.v_head_dim * d
-    )
-    indexer = (
-        args.q_lora_rank * args.index_n_heads * args.index_head_dim
-        + d * args.index_head_dim
-        + d * args.index_n_heads
-    )
-    moe_ffn = (
-        3 * d * args.moe_intermediate_size * (args.n_shared_experts + args.num_experts_per_tok)
-        + d * args.n_routed_experts
-    )
-    n_moe = args.n_moe_layers
-    params = (
-        args.num_hidden_layers * (attn + indexer)
-        + (args.num_hidden_layers - n_moe) * 3 * d * args.intermediate_size
-        + n_moe * moe_ffn
-        + d * args.vocab_size
-    )
-    pos = torch.arange(seq_len, dtype=torch.float64) + 1
-    keys = pos.clamp(max=args.index_topk).mean().item()
-    per_layer = 3 * 2 * h * (args.qk_head_dim + args.v_head_dim) * keys
-    per_layer += 2 * args.index_n_heads * args.index_head_dim * pos.mean().item()
-    return 6 * params + args.num_hidden_layers * per_layer
 
 
 def matmul_peak(device: str) -> float:

@@ -110,6 +110,42 @@ def _plot_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for train"
+    )
+    parser.add_argument(
+        "--gpus", type=int, nargs="+", required=True, metavar="N", help="GPU counts to plan for"
+    )
+    parser.add_argument(
+        "--gpu", nargs="+", choices=["h100", "h200"], default=["h200"], help="GPU kinds"
+    )
+    parser.add_argument(
+        "--preset",
+        help="plan this policy preset instead of the config's model (e.g. a released model "
+        "whose checkpoint is not on this machine)",
+    )
+    parser.add_argument(
+        "--rollout-gpus",
+        type=int,
+        metavar="R",
+        help="disaggregated: R of the GPUs sample, the rest train (default: colocated)",
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=512, help="prompt length (default: 512)"
+    )
+    parser.add_argument(
+        "--avg-tokens", type=int, help="mean trained sequence length (default: prompt + max_tokens)"
+    )
+    parser.add_argument(
+        "--fp8-rollout",
+        action="store_true",
+        help="the rollout engines serve FP8 weights and KV cache (as the released checkpoint)",
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write the plans to this JSON file")
+
+
 COMMANDS: dict[str, Command] = {
     "replay": Command(
         help="recompute a logged step's learner log-probs and report sampler/learner mismatch",
@@ -133,6 +169,12 @@ COMMANDS: dict[str, Command] = {
         help="run a GRPO experiment from a YAML config",
         add_arguments=_train_arguments,
         handler="rl.trainer",
+    ),
+    "plan": Command(
+        help="estimate memory per GPU and step time of a config on N H100s or H200s",
+        add_arguments=_plan_arguments,
+        handler="rl.plan",
+        outputs=("json",),
     ),
     "demo": Command(
         help="build a tiny DSA policy, run it, and print what it did",
