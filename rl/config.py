@@ -131,6 +131,9 @@ class RolloutConfig:
     # 1: sample the next step while the learner trains on this one (its samples then lag the
     # learner by one update, which pi_old and OPSM account for); 0: strictly on-policy
     max_staleness: Literal[0, 1] = 0
+    # weight sync: the learner's weights reach the workers in buckets of this many MiB, each
+    # gathered from the learner's shards on its own (no rank holds the whole model for it)
+    weight_bucket_mb: int = 512
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +252,7 @@ def _check(cfg: ExperimentConfig) -> None:
         ("checkpoint.every", cfg.checkpoint.every),
         ("rollout.workers", cfg.rollout.workers),
         ("data.prompts_per_step", cfg.data.prompts_per_step),
+        ("rollout.weight_bucket_mb", cfg.rollout.weight_bucket_mb),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")

@@ -23,7 +23,7 @@ comes from; the figures are estimates, not measurements:
   (the MoE experts any of them routes to) and the KV entries DSA reads (the top-k latent rows,
   and every indexer key), at the spec-sheet HBM bandwidth: an optimistic bound;
 - weight sync: the full bf16 state through one 50 GB/s link per rollout engine (today's sync
-  sends the whole state from the learner's first rank through Ray's object store).
+  streams it bucket by bucket from the learner's first rank through Ray's object store).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from policy import Transformer, load_pretrained
 from . import checkpoint as ckpt
 from .batch import Batch
 from .learner import Learner, LearnerConfig
+from .weights import WeightVersion, bucket_names, gather_bucket
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -145,6 +146,15 @@ class LearnerWorker:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.learner.full_state_dict()
 
+    def weight_bucket(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """One bucket of the full weights, gathered from every rank's shards (collective);
+        rank 0 returns it, the others drop their copy at once."""
+        bucket = gather_bucket(self.learner.policy, names)
+        return bucket if self.rank == 0 else None
+
+    def weight_bucket_names(self, bucket_bytes: int) -> list[list[str]]:
+        return bucket_names(self.learner.policy, bucket_bytes)
+
     def save_checkpoint(
         self, run_dir: str, state: ckpt.RunState, keep_last: int, tmp: str
     ) -> str | None:
@@ -180,11 +190,14 @@ class ShardedLearnerGroup:
         device: str,
         attention: str = "auto",
         state: dict | None = None,
+        version: int = 0,
         *,
         num_cpus: float = 1,
         num_gpus: float = 0,
     ) -> None:
         import ray
+
+        self.versions = WeightVersion(version, cfg.algorithm.updates_per_batch)
 
         actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
         self.workers = [actor.remote(rank, world) for rank in range(world)]
@@ -219,7 +232,20 @@ class ShardedLearnerGroup:
         """Every rank's step on the batch; rank 0's metrics (and gradients, if asked)."""
         import ray
 
-        return self._all("step", ray.put(batch), capture_grads)[0]  # one copy of the batch
+        out = self._all("step", ray.put(batch), capture_grads)[0]  # one copy of the batch
+        self.versions.updated()
+        return out
+
+    def weight_bucket_names(self, bucket_bytes: int, version: int) -> list[list[str]]:
+        import ray
+
+        self.versions.check(version)
+        return ray.get(self.workers[0].weight_bucket_names.remote(bucket_bytes))
+
+    def weight_bucket(self, names: list[str], version: int) -> dict[str, torch.Tensor]:
+        """One bucket of the weights after `version` (checked), gathered by all ranks."""
+        self.versions.check(version)
+        return self._all("weight_bucket", names)[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")[0]

@@ -39,6 +39,7 @@ from .tasks import TaskStream
 from .tokenizer import Tokenizer, load_tokenizer
 from .tracking import Tracker
 from .warm_start import warm_start
+from .weights import WeightVersion, bucket_names, gather_bucket
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -55,18 +56,34 @@ class LearnerService:
         device: str,
         state: dict | None = None,
         attention: str = "auto",
+        version: int = 0,
     ) -> None:
         self.policy = load_pretrained(policy_dir, device=device, dtype=DTYPES[dtype])
         self.policy.attention = attention
         self.learner = Learner(self.policy, cfg)
         if state is not None:
             self.learner.load_state_dict(state)
+        self.versions = WeightVersion(version, cfg.algorithm.updates_per_batch)
 
     def step(self, batch: Batch) -> dict[str, float]:
-        return self.learner.step(batch)
+        metrics = self.learner.step(batch)
+        self.versions.updated()
+        return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def weight_bucket_names(self, bucket_bytes: int, version: int) -> list[list[str]]:
+        """The names of each bucket of a sync of `version` (checked first, so a sync of the
+        wrong weights fails before anything is sent)."""
+        self.versions.check(version)
+        return bucket_names(self.policy, bucket_bytes)
+
+    def weight_bucket(self, names: list[str], version: int) -> dict[str, torch.Tensor]:
+        """One bucket of the weights, which must be `version` (checked: a sync of other weights
+        than the ones it announces must fail, not load)."""
+        self.versions.check(version)
+        return gather_bucket(self.policy, names)
 
     def save_checkpoint(self, run_dir: str, state: ckpt.RunState, keep_last: int) -> str:
         return str(ckpt.save(run_dir, self.policy, self.learner.state_dict(), state, keep_last))
@@ -202,7 +219,7 @@ def _train(
         )
 
         def done(r: _Rollout) -> None:  # the step's learner half, then its records
-            metrics = _finish(cfg, r, pool, scorer, store)
+            metrics = _finish(cfg, r, learner, pool, scorer, store)
             crash_point("rollouts_stored", r.step)
             tracker.log_step(r.step, metrics)
             crash_point("metrics_pending", r.step)
@@ -318,6 +335,7 @@ def _actors(
                 *args,
                 cfg.model.attention,
                 learner_state,
+                version,
                 num_cpus=cfg.ray.learner_cpus,
                 num_gpus=cfg.ray.learner_gpus,
             )
@@ -326,7 +344,7 @@ def _actors(
         learner = (
             ray.remote(LearnerService)
             .options(num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
-            .remote(*args, learner_state, cfg.model.attention)
+            .remote(*args, learner_state, cfg.model.attention, version)
         )
     pool = RolloutPool(
         (cfg.rollout.engine, str(policy_dir), cfg.rollout.engine_kwargs),
@@ -351,7 +369,6 @@ class _Rollout:
     rollout_s: float
     data_position: int  # the task stream's position after this step's prompts
     updates: list = dataclasses.field(default_factory=list)  # the learner's step refs
-    weights: Any = None  # ref to the learner's weights after this step's updates
 
 
 def _rollout(
@@ -396,18 +413,22 @@ def _rollout(
 
 
 def _submit(cfg: ExperimentConfig, learner: Any, r: _Rollout) -> _Rollout:
-    """Queue the step's updates on the learner actor, and the weights after them (queued in
-    order: later steps' updates cannot reach these weights)."""
+    """Queue the step's updates on the learner actor. Its weights are streamed at _finish:
+    the next step's updates are queued only after that, so they are exactly this step's."""
     r.updates = [learner.step.remote(r.batch) for _ in range(cfg.algorithm.updates_per_batch)]
-    r.weights = learner.state_dict.remote()
     return r
 
 
 def _finish(
-    cfg: ExperimentConfig, r: _Rollout, pool: Any, scorer: Any, store: RolloutStore
+    cfg: ExperimentConfig,
+    r: _Rollout,
+    learner: Any,
+    pool: Any,
+    scorer: Any,
+    store: RolloutStore,
 ) -> dict[str, float]:
-    """Wait for the step's updates, push the weights after them, store the rollouts; the
-    step's metrics."""
+    """Wait for the step's updates, stream the weights after them to the rollout workers,
+    store the rollouts; the step's metrics."""
     import ray
 
     # The first update's metrics measure the sampler against the weights it sampled with;
@@ -423,7 +444,9 @@ def _finish(
                 if k in last
             }
         )
-    pool.update_weights(r.weights, r.step + 1)
+    start = time.perf_counter()
+    pool.stream_weights(learner, r.step + 1, cfg.rollout.weight_bucket_mb << 20)
+    sync_s = time.perf_counter() - start
     store.write_step(
         r.step,
         r.trajs,
@@ -440,6 +463,7 @@ def _finish(
         **_reward_stats(r.scores, lengths, scorer.labels),
         "rollout_tokens_per_s": generated / r.rollout_s,
         "weight_version": r.step + 1,
+        "weight_sync_s": sync_s,
         # learner updates the sampler's weights lacked: 0 on-policy, 1 with max_staleness 1
         "staleness": r.step - min(t.weight_version for t in r.trajs),
     }

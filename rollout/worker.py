@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayActorError, WorkerCrashedError
 
 from .trajectory import Engine, Sampling, Trajectory
+from .weights import WeightStaging, WeightSyncError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class RolloutWorker:
     def __init__(self, spec: EngineSpec, slot: int = 0) -> None:
         self.engine = spec.build()
         self.slot = slot
+        self._staging: WeightStaging | None = None
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, n: int) -> list[Trajectory]:
         return self.engine.generate(prompts, sampling, n)
@@ -107,6 +110,23 @@ class RolloutWorker:
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    # A streamed sync (RolloutPool.stream_weights): announce, buckets, commit. The engine
+    # keeps serving its current weights until the commit loads the complete new set.
+    def begin_weights(self, version: int, names: list[str]) -> None:
+        self._staging = WeightStaging(version, names)
+
+    def add_weights(self, version: int, bucket: dict[str, torch.Tensor]) -> None:
+        if self._staging is None:
+            raise WeightSyncError(f"a bucket of weight version {version} arrived unannounced")
+        self._staging.add(version, bucket)
+
+    def commit_weights(self, version: int) -> str:
+        if self._staging is None:
+            raise WeightSyncError(f"commit of weight version {version} with nothing staged")
+        state = self._staging.complete(version)
+        self._staging = None  # the staged copy goes as soon as the engine holds the weights
+        return self.engine.update_weights(state, version)
 
     def close(self) -> None:
         """Release the engine's resources (vLLM's work directory) before the actor goes."""
@@ -199,6 +219,45 @@ class RolloutPool:
         self.weight_version = version
         return ", ".join(sorted(routes))
 
+    def stream_weights(self, learner: Any, version: int, bucket_bytes: int) -> str:
+        """Push the learner actor's weights bucket by bucket (`weight_bucket_names`,
+        `weight_bucket`: rl.trainer.LearnerService or rl.sharded.ShardedLearnerGroup), each
+        gathered from the learner's shards on its own and tagged with `version`; every worker
+        stages them and loads the complete set at commit. The buckets' refs are kept until the
+        next sync, so a worker replaced later gets the same weights."""
+        # The learner checks the version before naming the buckets, and again for each one.
+        buckets = ray.get(learner.weight_bucket_names.remote(bucket_bytes, version))
+        names = [n for b in buckets for n in b]
+        # Actor calls run in submission order: the learner gathers bucket after bucket while
+        # the workers fetch the earlier ones; each worker's add calls precede its commit.
+        refs = [learner.weight_bucket.remote(b, version) for b in buckets]
+        previous, self._weights = self._weights, (("stream", names, refs), version)
+        pending = {self._stream_to(w, names, refs, version): s for s, w in enumerate(self.workers)}
+        routes: set[str] = set()
+        deaths = 0
+        try:
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                slot = pending.pop(ref)
+                try:
+                    routes.add(ray.get(ref))
+                except WORKER_DEATH as e:
+                    deaths = self._count_death(deaths, e, f"streaming weights version {version}")
+                    pending[self._replace(slot, self.workers[slot])] = slot
+        except BaseException:
+            self._weights = previous  # a replacement must get weights that did arrive
+            raise
+        self.weight_version = version
+        return ", ".join(sorted(routes))
+
+    @staticmethod
+    def _stream_to(worker: Any, names: list[str], refs: list[Any], version: int) -> Any:
+        """Queue a streamed sync on one worker; its commit's ref."""
+        worker.begin_weights.remote(version, names)
+        for ref in refs:
+            worker.add_weights.remote(version, ref)
+        return worker.commit_weights.remote(version)
+
     def weight_versions(self) -> list[int]:
         """Every worker's weight version, as the engines report it."""
         return ray.get([w.weight_version.remote() for w in self.workers])
@@ -288,6 +347,8 @@ class RolloutPool:
         if self._weights is None:
             return actor.weight_version.remote()
         payload, version = self._weights
+        if isinstance(payload, tuple) and payload[0] == "stream":
+            return self._stream_to(actor, payload[1], payload[2], version)
         return actor.update_weights.remote(payload, version)
 
     def shutdown(self) -> None:

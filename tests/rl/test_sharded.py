@@ -53,8 +53,20 @@ def test_two_ranks_equal_one_process(cluster, tmp_path, policy, sampler, beta):
     try:
         m2, g2 = group.step(batch, capture_grads=True)
         w2 = group.state_dict()
+        # The streamed sync's buckets, each gathered from the two ranks' shards on its own,
+        # are the same weights; a sync of any other version is refused.
+        buckets = group.weight_bucket_names(64 << 10, 1)
+        assert len(buckets) > 1
+        streamed = {}
+        for names in buckets:
+            streamed.update(group.weight_bucket(names, 1))
+        with pytest.raises(RuntimeError, match="learner holds version 1"):
+            group.weight_bucket_names(64 << 10, 0)
     finally:
         group.shutdown()
+    assert list(streamed) == list(w2)
+    for name in w2:
+        torch.testing.assert_close(streamed[name], w2[name], rtol=0, atol=0, msg=name)
     # The same sums in another order (two ranks' partial sums, then the reduction): float32
     # rounding apart, equal.
     for key in ("loss", "logp_gap_mean", "entropy", "ratio_mean", "grad_norm"):

@@ -70,6 +70,29 @@ class ControlledEngine:
         return self.inner.generate(prompts, sampling, n)
 
 
+class BucketLearner:
+    """What the pool asks of a learner actor for a streamed sync, over a saved policy: its
+    buckets (rl/weights.py), and a weight version it checks."""
+
+    def __init__(self, checkpoint_dir: str, version: int) -> None:
+        from rl.weights import WeightVersion
+
+        self.model = policy.load_pretrained(checkpoint_dir)
+        self.versions = WeightVersion(version, 1)
+
+    def weight_bucket_names(self, bucket_bytes: int, version: int) -> list[list[str]]:
+        from rl.weights import bucket_names
+
+        self.versions.check(version)
+        return bucket_names(self.model, bucket_bytes)
+
+    def weight_bucket(self, names: list[str], version: int) -> dict:
+        from rl.weights import gather_bucket
+
+        self.versions.check(version)
+        return gather_bucket(self.model, names)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
@@ -241,6 +264,28 @@ def test_weight_push_reaches_every_worker_including_a_replacement(pool, ckpts, c
     assert pool.update_weights(ray.put(ckpts.state_v1), version=9) == "in-place"
     assert pool.weight_versions() == [9, 9]
     assert_same_tokens(pool.generate(PROMPTS, greedy), out)
+
+
+def test_streamed_weights_reach_every_worker_including_a_replacement(pool, ckpts, control):
+    pool.update_weights(ckpts.v0, version=10)
+    learner = ray.remote(BucketLearner).options(num_cpus=0).remote(ckpts.v1, 11)
+    # 64 KiB buckets: the tiny policy arrives in many pieces.
+    assert pool.stream_weights(learner, 11, bucket_bytes=64 << 10) == "in-place"
+    assert pool.weight_versions() == [11, 11] and pool.weight_version == 11
+    restarts = pool.restarts
+    (control / "die-once").touch()
+    greedy = Sampling(temperature=0.0, max_tokens=6)
+    out = pool.generate(PROMPTS, greedy, n=1)
+    assert (control / "died").exists() and pool.restarts == restarts + 1
+    assert pool.weight_versions() == [11, 11]  # the replacement got the streamed weights
+    assert {t.weight_version for t in out} == {11}
+    assert_same_tokens(out, local_reference(ckpts.v1, PROMPTS, greedy, 1, [(0, len(PROMPTS))]))
+    # A sync of weights the learner does not hold fails before anything is sent; the workers
+    # keep serving what they had.
+    with pytest.raises(RuntimeError, match="learner holds version 11"):
+        pool.stream_weights(learner, 12, bucket_bytes=64 << 10)
+    assert pool.weight_versions() == [11, 11]
+    ray.kill(learner)
 
 
 def test_an_engine_error_is_raised_not_retried(pool, ckpts):
