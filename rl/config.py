@@ -159,6 +159,13 @@ class RayConfig:
     rollout_gpus: float = 0.0  # per rollout worker
     learner_cpus: float = 1.0  # the learner actor's
     learner_gpus: float = 0.0  # per learner rank (set optim.device to cuda with it)
+    # disaggregated: learner ranks and rollout workers on separate devices; colocated: rank i
+    # and worker i share a bundle and its GPU, taking turns (rl/placement.py; on-policy only)
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    # how Ray places the bundles of the run's placement group across nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # seconds to wait for the cluster to reserve every bundle before giving up with an error
+    reserve_timeout_s: float = 120.0
     # learner ranks: one process each, the policy sharded over them with FSDP2 (rl/sharded.py)
     learner_workers: int = 1
 
@@ -247,6 +254,13 @@ def _check(cfg: ExperimentConfig) -> None:
         rewards.from_config(cfg.rewards.verifiers)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"rewards.verifiers: {e}") from None
+    if cfg.ray.placement == "colocated" and cfg.rollout.max_staleness:
+        raise ConfigError(
+            "ray.placement colocated takes turns on the same devices: rollout.max_staleness "
+            f"must be 0, got {cfg.rollout.max_staleness}"
+        )
+    if cfg.ray.reserve_timeout_s <= 0:
+        raise ConfigError(f"ray.reserve_timeout_s must be > 0, got {cfg.ray.reserve_timeout_s}")
     for name, value in [
         ("trainer.total_steps", cfg.trainer.total_steps),
         ("checkpoint.every", cfg.checkpoint.every),

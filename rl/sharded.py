@@ -194,13 +194,23 @@ class ShardedLearnerGroup:
         *,
         num_cpus: float = 1,
         num_gpus: float = 0,
+        placement: Any = None,
     ) -> None:
         import ray
 
         self.versions = WeightVersion(version, cfg.algorithm.updates_per_batch)
-
-        actor = ray.remote(LearnerWorker).options(num_cpus=num_cpus, num_gpus=num_gpus)
-        self.workers = [actor.remote(rank, world) for rank in range(world)]
+        actor = ray.remote(LearnerWorker)
+        # placement (rl/placement.Placement): each rank in its bundle of the run's group.
+        self.workers = [
+            actor.options(
+                **{
+                    "num_cpus": num_cpus,
+                    "num_gpus": num_gpus,
+                    **(placement.learner(rank) if placement is not None else {}),
+                }
+            ).remote(rank, world)
+            for rank in range(world)
+        ]
         address = ray.get(self.workers[0].address.remote())
         state_ref = ray.put(state)  # one copy for every rank
         self._all("setup", address, policy_dir, cfg, dtype, device, attention, state_ref)

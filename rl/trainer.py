@@ -33,6 +33,7 @@ from .batch import Batch
 from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
 from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
+from .placement import Placement, reserve
 from .preflight import check_resume, learner_config, preflight
 from .run_dir import RunDir, RunDirError, RunLock, check_start, clear
 from .tasks import TaskStream
@@ -207,9 +208,12 @@ def _train(
     tracker.resume(state.step)
     if state.step < 0:
         tracker.log_params(to_dict(cfg))
-    pool, status = None, "FAILED"
+    pool, placement, status = None, None, "FAILED"
     try:
-        learner, pool, scorer = _actors(cfg, policy_dir, learner_state, state.weight_version)
+        placement = reserve(cfg)
+        learner, pool, scorer = _actors(
+            cfg, policy_dir, learner_state, state.weight_version, placement
+        )
         stream = TaskStream(
             cfg.data.task,
             cfg.data.path,
@@ -239,6 +243,8 @@ def _train(
                 done(in_flight)
                 in_flight = None
             r = _rollout(cfg, step, tok, stream, pool, scorer)
+            if placement.colocated:  # the learner's turn on the devices
+                pool.release()
             if in_flight is not None:
                 done(in_flight)
             in_flight = _submit(cfg, learner, r)
@@ -263,6 +269,8 @@ def _train(
             log.warning("could not mark the MLflow run %s: %s", status, e)
         if pool is not None:
             pool.shutdown()
+        if placement is not None and not started_ray:  # a joined cluster keeps running
+            placement.remove()
         if started_ray:
             ray.shutdown()
 
@@ -316,9 +324,14 @@ def _checkpoint(learner: Any, run: Path, state: ckpt.RunState, keep_last: int) -
 
 
 def _actors(
-    cfg: ExperimentConfig, policy_dir: Path, learner_state: dict | None, version: int
+    cfg: ExperimentConfig,
+    policy_dir: Path,
+    learner_state: dict | None,
+    version: int,
+    placement: Placement,
 ) -> tuple[Any, Any, Any]:
-    """The learner actor, the rollout pool (at weight `version`) and the reward worker."""
+    """The learner actor, the rollout pool (at weight `version`) and the reward worker, the
+    learner ranks and rollout workers each in its bundle of `placement`."""
     import ray
 
     from rollout.worker import RolloutPool
@@ -337,20 +350,22 @@ def _actors(
                 learner_state,
                 version,
                 num_cpus=cfg.ray.learner_cpus,
-                num_gpus=cfg.ray.learner_gpus,
+                num_gpus=placement.learner_gpus,
+                placement=placement,
             )
         )
     else:
         learner = (
             ray.remote(LearnerService)
-            .options(num_cpus=cfg.ray.learner_cpus, num_gpus=cfg.ray.learner_gpus)
+            .options(num_cpus=cfg.ray.learner_cpus, **placement.learner(0))
             .remote(*args, learner_state, cfg.model.attention, version)
         )
     pool = RolloutPool(
         (cfg.rollout.engine, str(policy_dir), cfg.rollout.engine_kwargs),
         cfg.rollout.workers,
         num_cpus=cfg.ray.rollout_cpus,
-        num_gpus=cfg.ray.rollout_gpus,
+        num_gpus=placement.rollout_gpus,
+        placement=placement.rollout,
     )
     if version:
         pool.update_weights(str(policy_dir), version)
@@ -434,6 +449,8 @@ def _finish(
     # The first update's metrics measure the sampler against the weights it sampled with;
     # later updates (algorithm.updates_per_batch) add their loss and clipping only.
     updates = ray.get(r.updates)
+    if cfg.ray.placement == "colocated":  # the engines' turn again: they load the new weights
+        pool.resume()
     metrics = updates[0]
     if len(updates) > 1:
         last = updates[-1]

@@ -51,6 +51,23 @@ class NativeEngine:
         self.max_batch_size = max_batch_size
         self.weight_version = 0
 
+    def release(self) -> bool:
+        """Move the weights to host memory and return the device's cached blocks, so a learner
+        colocated on the same GPU has them (rl/placement.py); False on the CPU, where the
+        engine holds no device memory."""
+        if self.device.type != "cuda":
+            return False
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+        return True
+
+    def resume(self) -> bool:
+        """Bring the weights back to the device after release."""
+        if self.device.type != "cuda":
+            return False
+        self.model.to(self.device)
+        return True
+
     def update_weights(self, source: Any, version: int) -> str:
         """Load a policy state dict or a checkpoint directory into the live model."""
         if isinstance(source, (str, Path)):

@@ -536,6 +536,24 @@ class VLLMEngine:
         save_file(tensors, staged / SINGLE_FILE, metadata={"format": "pt"})
         return str(staged)
 
+    def release(self) -> bool:
+        """While a colocated learner steps on the same GPU (rl/placement.py): vLLM's sleep
+        mode, level 1 (weights to host memory, KV cache dropped), when the engine was started
+        with engine_kwargs enable_sleep_mode: true; False otherwise and on the CPU build, which
+        has no sleep mode. (The GPU branch is not exercised by this project's tests: its GPU
+        machine has no vLLM.)"""
+        if self.dense or not self.llm_kwargs.get("enable_sleep_mode"):
+            return False
+        self.llm.sleep(level=1)
+        return True
+
+    def resume(self) -> bool:
+        """Wake the engine after release (weights back, KV cache reallocated)."""
+        if self.dense or not self.llm_kwargs.get("enable_sleep_mode"):
+            return False
+        self.llm.wake_up()
+        return True
+
     def update_weights(
         self,
         source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module,

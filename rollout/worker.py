@@ -128,6 +128,16 @@ class RolloutWorker:
         self._staging = None  # the staged copy goes as soon as the engine holds the weights
         return self.engine.update_weights(state, version)
 
+    def release(self) -> bool:
+        """Free the engine's device memory while the learner steps on the same GPU; False
+        when the engine holds none (on the CPU) or cannot."""
+        release = getattr(self.engine, "release", None)
+        return bool(release()) if release is not None else False
+
+    def resume(self) -> bool:
+        resume = getattr(self.engine, "resume", None)
+        return bool(resume()) if resume is not None else False
+
     def close(self) -> None:
         """Release the engine's resources (vLLM's work directory) before the actor goes."""
         close = getattr(self.engine, "close", None)
@@ -170,6 +180,7 @@ class RolloutPool:
         address: str | None = None,
         max_restarts: int = 3,
         ray_init_kwargs: dict[str, Any] | None = None,
+        placement: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -180,11 +191,15 @@ class RolloutPool:
         self.max_restarts = max_restarts
         self.restarts = 0  # replacements over the pool's life, for metrics
         # max_restarts=0: Ray must not resurrect an actor behind our back (see module doc).
-        self._actor = ray.remote(RolloutWorker).options(
+        self._remote = ray.remote(RolloutWorker)
+        self._options = dict(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
         )
+        # placement(slot): the slot's bundle of a placement group (rl/placement.py), which a
+        # replacement takes over from the actor it replaces.
+        self._placement = placement
         self._weights: tuple[Any, int] | None = None  # (object ref or directory, version)
-        self.workers = [self._actor.remote(self.spec, slot) for slot in range(num_workers)]
+        self.workers = [self._new_actor(slot) for slot in range(num_workers)]
         infos = ray.get([w.info.remote() for w in self.workers])  # construction errors surface
         self.name = infos[0]["engine"]
         self.weight_version: int = infos[0]["weight_version"]
@@ -342,7 +357,7 @@ class RolloutPool:
         # An unreachable actor must not come back later and hold on to its CPUs or GPUs.
         ray.kill(dead, no_restart=True)
         self.restarts += 1
-        actor = self._actor.remote(self.spec, slot)
+        actor = self._new_actor(slot)
         self.workers[slot] = actor
         if self._weights is None:
             return actor.weight_version.remote()
@@ -350,6 +365,21 @@ class RolloutPool:
         if isinstance(payload, tuple) and payload[0] == "stream":
             return self._stream_to(actor, payload[1], payload[2], version)
         return actor.update_weights.remote(payload, version)
+
+    def _new_actor(self, slot: int) -> Any:
+        extra = self._placement(slot) if self._placement is not None else {}
+        return self._remote.options(**{**self._options, **extra}).remote(self.spec, slot)
+
+    # --- colocated placement ---------------------------------------------------------------
+
+    def release(self) -> list[bool]:
+        """Every engine frees its device memory for the learner (colocated placement); per
+        worker, whether its engine had any to free."""
+        return ray.get([w.release.remote() for w in self.workers])
+
+    def resume(self) -> list[bool]:
+        """Every engine takes its device memory back (after release)."""
+        return ray.get([w.resume.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         """Close, then kill the workers (and Ray itself when this pool started it)."""

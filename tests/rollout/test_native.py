@@ -110,3 +110,22 @@ def test_too_long_is_an_error(ckpt):
     engine = NativeEngine(ckpt(max_position_embeddings=32))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         engine.generate([[1] * 30], Sampling(max_tokens=8))
+
+
+def test_release_holds_no_device_memory_on_the_cpu():
+    engine = NativeEngine(tiny_policy())
+    assert engine.release() is False and engine.resume() is False
+
+
+@pytest.mark.gpu
+def test_release_frees_the_device_and_resume_restores_the_same_sampler():
+    """Colocated placement: the engine's weights leave the GPU while the learner steps, and
+    come back to give the same greedy tokens."""
+    engine = NativeEngine(tiny_policy(), device="cuda")
+    greedy = Sampling(temperature=0.0, max_tokens=6)
+    before = engine.generate([[1, 2, 3]], greedy)[0].response_ids
+    held = torch.cuda.memory_allocated()
+    assert engine.release() is True
+    assert torch.cuda.memory_allocated() < held
+    assert engine.resume() is True
+    assert engine.generate([[1, 2, 3]], greedy)[0].response_ids == before
