@@ -9,6 +9,12 @@ Configurations (`--config`):
   AdamW, OPSM, Keep Routing and Keep Sampling Mask on (20 kept ids a token).
 - `moe-16k` (CUDA): the same policy, 2 sequences x 16,384 tokens, activation checkpointing on.
 - `moe-32k` (CUDA): the same policy, 1 sequence x 32,768 tokens, activation checkpointing on.
+- `v32-2layer` (CUDA): two of DeepSeek-V3.2's own layers at full width (1 dense + 1 MoE with
+  256 experts, 14.0B parameters with the embeddings), 2 x 4,096 tokens, activation
+  checkpointing; with --fsdp, the scale-out issue's world-size-1 FSDP2 run.
+
+--fsdp runs the learner as rl.sharded.ShardedLearner (the policy under FSDP2) in a process
+group of one rank (NCCL on CUDA, gloo on the CPU), as each rank of `ray.learner_workers` does.
 - `tiny` (any device, the CPU test suite runs it): the tiny policy, 4 x 64 tokens.
 
 The batch's old log-probs and routing are the policy's own (a no-grad pass before timing), so
@@ -21,6 +27,7 @@ index_topk), plus the indexer's scores 2 x its heads x its dim x (position + 1),
 measured in the same run (bf16 8192^3 on CUDA, float32 2048^3 on the CPU).
 
     python benchmarks/learner.py --config moe-4k [--attention reference] [--steps 3] [--json f]
+    python benchmarks/learner.py --config v32-2layer --fsdp
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ CONFIGS = {
     "moe-4k": dict(seqs=8, tokens=4096, prompt=256, micro=8192, ckpt=False),
     "moe-16k": dict(seqs=2, tokens=16384, prompt=256, micro=16384, ckpt=True),
     "moe-32k": dict(seqs=1, tokens=32768, prompt=256, micro=32768, ckpt=True),
+    "v32-2layer": dict(seqs=2, tokens=4096, prompt=256, micro=4096, ckpt=True),
     "tiny": dict(seqs=4, tokens=64, prompt=8, micro=128, ckpt=False),
 }
 KEPT = 20
@@ -51,6 +59,8 @@ KEPT = 20
 def policy_args(config: str) -> ModelArgs:
     if config == "tiny":
         return preset("tiny", index_topk=16)
+    if config == "v32-2layer":  # DeepSeek-V3.2's own layers: one dense, one MoE (14.0B)
+        return preset("deepseek-v3.2", num_hidden_layers=2, first_k_dense_replace=1)
     return preset(
         "deepseek-v3.2",
         num_hidden_layers=4,
@@ -114,23 +124,52 @@ def make_batch(policy: Transformer, learner: Learner, cfg: dict, seed: int = 0) 
     return batch
 
 
+def _one_rank_group(device: str) -> None:
+    """A torch.distributed group of one rank on a free local port (for --fsdp)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+    )
+
+
 def run(
-    config: str, device: str, steps: int, profile: bool = True, attention: str = "auto"
+    config: str,
+    device: str,
+    steps: int,
+    profile: bool = True,
+    attention: str = "auto",
+    fsdp: bool = False,
 ) -> dict:
     cfg = CONFIGS[config]
     args = policy_args(config)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     policy = Transformer(args, attention=attention).to(device, dtype)
-    learner = Learner(
-        policy,
-        LearnerConfig(
-            optim=OptimConfig(
-                lr=1e-6, micro_batch_tokens=cfg["micro"], activation_checkpointing=cfg["ckpt"]
-            ),
-            algorithm=AlgorithmConfig(opsm=True),
+    learner_cfg = LearnerConfig(
+        optim=OptimConfig(
+            lr=1e-6, micro_batch_tokens=cfg["micro"], activation_checkpointing=cfg["ckpt"]
         ),
+        algorithm=AlgorithmConfig(opsm=True),
     )
+    if fsdp:
+        from rl.sharded import ShardedLearner
+
+        _one_rank_group(device)
+        learner = ShardedLearner(policy, learner_cfg)
+        policy = learner.policy
+    else:
+        learner = Learner(policy, learner_cfg)
     batch = make_batch(policy, learner, cfg)
     learner.step(batch)  # warm-up: allocations, kernel compilation
     if device == "cuda":
@@ -147,6 +186,7 @@ def run(
     out = {
         "config": config,
         "attention": attention,
+        "fsdp": fsdp,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "params": sum(p.numel() for p in policy.parameters()),
@@ -182,7 +222,8 @@ def run(
 
 def render(r: dict) -> str:
     lines = [
-        f"{r['config']} ({r.get('attention', 'auto')} attention) on {r['device']} "
+        f"{r['config']} ({r.get('attention', 'auto')} attention"
+        f"{', FSDP2, 1 rank' if r.get('fsdp') else ''}) on {r['device']} "
         f"(torch {r['torch']}): {r['params'] / 1e6:,.1f}M parameters, "
         f"{r['tokens_per_step']} tokens a step",
         f"step {r['step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -203,9 +244,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--attention", choices=["auto", "reference", "triton"], default="auto")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="the learner under FSDP2 in a one-rank group"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     a = parser.parse_args()
-    result = run(a.config, a.device, a.steps, profile=not a.no_profile, attention=a.attention)
+    result = run(
+        a.config, a.device, a.steps, profile=not a.no_profile, attention=a.attention, fsdp=a.fsdp
+    )
     print(render(result))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

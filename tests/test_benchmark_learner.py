@@ -40,3 +40,24 @@ def test_gpu_configuration_is_the_issue_policy():
     flops = bench.model_flops_per_token(args, 4096)
     assert 3e9 < flops < 5e9
     assert bench.model_flops_per_token(args, 16384) > flops  # more visible keys per token
+
+
+def test_the_tiny_configuration_runs_under_fsdp2_in_a_one_rank_group():
+    import torch.distributed as dist
+
+    bench = _bench()
+    try:
+        r = bench.run("tiny", "cpu", steps=1, profile=False, fsdp=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert r["fsdp"] and r["tokens_per_s"] > 0 and "FSDP2, 1 rank" in bench.render(r)
+
+
+def test_the_full_width_configuration_is_two_of_the_models_own_layers():
+    bench = _bench()
+    args = bench.policy_args("v32-2layer")
+    assert (args.hidden_size, args.n_routed_experts, args.n_moe_layers) == (7168, 256, 1)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(args).parameters())
+    assert round(n / 1e9, 1) == 14.0
