@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from policy import Transformer, load_pretrained
 
@@ -39,10 +39,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def shard(model: Transformer) -> Transformer:
     """FSDP2 over the policy: each block its own unit (gathered for its forward and backward,
-    resharded after), the embeddings, final norm and LM head in the root unit."""
+    resharded after), the embeddings, final norm and LM head in the root unit. Parameters are
+    gathered and used in their own dtype; gradients are reduce-scattered in float32 (a bf16
+    sum over many ranks would round away the small contributions) and kept in the
+    parameters' dtype."""
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 

@@ -114,6 +114,28 @@ def test_train_with_two_ranks_resumes_on_one_and_back(tmp_path, monkeypatch, sma
     assert state.step == 3 and learner["steps"] == 16 and learner["optimizer_format"] == "dcp"
 
 
+def test_two_ranks_in_bf16(cluster, tmp_path, policy, sampler):
+    """bf16 parameters under FSDP2 (gradients reduce-scattered in float32, then kept in bf16):
+    loss and gradients agree with one bf16 process within bf16 rounding. (With two ranks a
+    bf16 reduction would pass too; what float32 buys shows at many ranks.)"""
+    policy = policy.to(torch.bfloat16)
+    batch = sampler(policy, PROMPT, 4, [1.0, 0.0, 0.5, 0.0])
+    cfg = LearnerConfig(optim=OptimConfig(lr=LR, micro_batch_tokens=16))
+    m1, g1, _ = _single(policy, cfg, batch)
+    save_pretrained(policy, tmp_path / "policy")
+    group = ShardedLearnerGroup(2, str(tmp_path / "policy"), cfg, "bfloat16", "cpu", num_cpus=1)
+    try:
+        m2, g2 = group.step(batch, capture_grads=True)
+    finally:
+        group.shutdown()
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=2e-2, abs=1e-3)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert g2[name].dtype == torch.bfloat16, name
+        err = (g2[name].double() - g1[name].double()).norm()
+        assert err <= 3e-2 * g1[name].double().norm() + 1e-6, name
+
+
 def test_a_rank_that_dies_mid_step_fails_the_step_at_once(cluster, tmp_path, policy, sampler):
     """The survivors would wait in their collectives for the group's 10-minute timeout; the
     group instead fails the step as soon as a rank's process is gone, naming it."""
