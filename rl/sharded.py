@@ -42,8 +42,9 @@ def shard(model: Transformer) -> Transformer:
     resharded after), the embeddings, final norm and LM head in the root unit. Parameters are
     gathered and used in their own dtype; gradients are reduce-scattered in float32 (a bf16
     sum over many ranks would round away the small contributions) and kept in the
-    parameters' dtype."""
-    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    parameters' dtype. (One rank has nothing to sum: no float32 copy of a block's gradients.)"""
+    many = dist.is_initialized() and dist.get_world_size() > 1
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32 if many else None)
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
