@@ -12,7 +12,9 @@ An Environment: `reset(task) -> observation`, `step(tool_call) -> (observation, 
 `verify(final_state) -> reward in [0, 1]`, and a seeded `generate(seed) -> (task, solution)`
 whose solutions verify. `AgentVerifier` turns an environment into a reward: it replays the
 tool calls of a full transcript in a fresh environment (environments are deterministic, so
-the replay sees what the model saw) and verifies the final state.
+the replay sees what the model saw) and verifies the final state. `spec.py` describes
+environments as data (tools with JSON-schema arguments, state, task generator, verifier), so
+families of them can be synthesized; its environments speak this same protocol.
 """
 
 from __future__ import annotations
