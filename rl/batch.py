@@ -35,13 +35,16 @@ class Batch:
     routing: torch.Tensor | None = None
     kept_ids: torch.Tensor | None = None
     temperature: float = 1.0
+    # [B, T] bool: the tokens the loss is about, where that is not simply every response
+    # token (a multi-turn episode: the model's own turns, not the tool answers between them)
+    loss_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
         for name in ("prompt_lens", "response_lens", "rewards", "group_ids"):
             if tuple(getattr(self, name).shape) != (b,):
                 raise ValueError(f"Batch.{name} must have shape [{b}]")
-        for name in ("old_logprobs", "routing", "kept_ids"):
+        for name in ("old_logprobs", "routing", "kept_ids", "loss_mask"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape[:2]) != (b, t):
                 raise ValueError(f"Batch.{name} must start with [B, T] = [{b}, {t}]")
@@ -66,7 +69,9 @@ class Batch:
 
     @property
     def response_mask(self) -> torch.Tensor:
-        """[B, T] bool: response tokens (the ones the loss is about)."""
+        """[B, T] bool: the tokens the loss is about: the response tokens, or loss_mask's."""
+        if self.loss_mask is not None:
+            return self.loss_mask.bool() & self.attention_mask
         pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         return (pos >= self.prompt_lens.unsqueeze(1)) & self.attention_mask
 
@@ -126,6 +131,37 @@ class Batch:
             temperature=temperature,
             pad_id=pad_id,
         )
+
+    @classmethod
+    def from_episodes(
+        cls,
+        episodes: Sequence[Any],
+        group_ids: Sequence[int],
+        *,
+        temperature: float = 1.0,
+        pad_id: int = 0,
+    ) -> Batch:
+        """A batch from multi-turn episodes (rollout.episode.Episode): each row the episode's
+        tokens, the loss on its generated turns only (loss_mask), pi_old and kept ids at those
+        positions, routing at every position, one reward per episode."""
+        plens = [ep.spans[0][2] for ep in episodes]  # the first prompt's span
+        batch = cls.from_sequences(
+            [ep.token_ids[:n] for ep, n in zip(episodes, plens, strict=True)],
+            [ep.token_ids[n:] for ep, n in zip(episodes, plens, strict=True)],
+            [ep.logprobs[n:] for ep, n in zip(episodes, plens, strict=True)],
+            [float(ep.reward or 0.0) for ep in episodes],
+            group_ids,
+            routing=[torch.from_numpy(ep.routing.astype("int64")) for ep in episodes],
+            kept_ids=[
+                [k.tolist() for k in ep.kept_ids[n:]] for ep, n in zip(episodes, plens, strict=True)
+            ],
+            temperature=temperature or 1.0,
+            pad_id=pad_id,
+        )
+        mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for i, ep in enumerate(episodes):
+            mask[i, : len(ep.loss_mask)] = torch.tensor(ep.loss_mask, dtype=torch.bool)
+        return replace(batch, loss_mask=mask)
 
     @classmethod
     def from_sequences(

@@ -181,8 +181,9 @@ class Learner:
         batch = batch.to(self.policy.lm_head.weight.device)
         self.policy.train()
         adv_all = group_advantages(batch.rewards, batch.group_ids, lcfg.std_normalize)
-        n_seqs = int((batch.response_lens > 0).sum())
-        n_tokens = int(batch.response_lens.sum())
+        response = batch.response_mask
+        n_seqs = int(response.any(1).sum())
+        n_tokens = int(response.sum())
         dev = batch.input_ids.device
         # Metrics accumulate on the device: one host synchronisation after the loop, not
         # several per micro-batch.
@@ -220,7 +221,7 @@ class Learner:
                 sums["ratio_mean"] += (info["ratio"] * tok).sum()
                 if "kl" in info:
                     sums["kl"] += (info["kl"] * tok).sum()
-                sums["opsm_masked_frac"] += (~keep & (mb.response_lens > 0)).sum() / max(n_seqs, 1)
+                sums["opsm_masked_frac"] += (~keep & mask.any(1)).sum() / max(n_seqs, 1)
                 if mb.routing is not None:  # measured with Keep Routing on too: what it overrides
                     differs, by_layer, routed = routing_disagreement(routing, mb)
                     counts["any"] += differs

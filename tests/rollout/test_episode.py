@@ -202,3 +202,40 @@ def test_native_engine_episodes_replay_to_the_samplers_logprobs():
         np.testing.assert_allclose(lp.numpy(), np.array(ep.logprobs)[mask], rtol=1e-6, atol=1e-7)
         assert all(len(ep.kept_ids[p]) > 0 for p in positions)  # top-k/top-p truncated
         assert all(len(ep.kept_ids[p]) == 0 for p in np.flatnonzero(~mask))
+
+
+def test_episodes_train_with_the_loss_on_the_models_own_turns():
+    """Batch.from_episodes: the learner's log-probs under Keep Routing and Keep Sampling Mask
+    reproduce pi_old on exactly the generated turns (ratio 1), and a GRPO step on the
+    episodes runs with the tool answers outside the loss."""
+    import torch
+
+    from policy.testing import tiny_policy
+    from rewards.agent import ToolCall
+    from rl.batch import Batch
+    from rl.learner import Learner, LearnerConfig, OptimConfig
+    from rollout.native import NativeEngine
+
+    policy = tiny_policy(0, index_topk=8, vocab_size=128, dtype=torch.float64)
+    engine = NativeEngine(policy, dtype=torch.float64)
+    sampling = Sampling(
+        temperature=0.8, top_k=40, top_p=0.9, max_tokens=4, seed=5,
+        stop_token_ids=tuple(range(2, 100)),
+    )  # fmt: skip
+    episodes = run_episodes(
+        engine, [Flaky() for _ in range(4)], [{}] * 4, TOK, sampling, max_turns=3,
+        token_budget=4096, parse=lambda text: ToolCall("ok", {}),
+    )  # fmt: skip
+    for ep, reward in zip(episodes, [1.0, 0.0, 1.0, 0.0], strict=True):
+        ep.reward = reward  # a spread of rewards: non-zero advantages
+    batch = Batch.from_episodes(episodes, [0, 0, 0, 0], temperature=0.8)
+    mask = batch.response_mask
+    assert mask.sum() == sum(sum(ep.loss_mask) for ep in episodes)
+    assert mask.sum() < (batch.input_ids.shape[1] - batch.prompt_lens).clamp_min(0).sum()
+    learner = Learner(policy, LearnerConfig(optim=OptimConfig(lr=1e-3)))
+    with torch.no_grad():
+        logp, _, _ = learner.token_logprobs(policy, batch)
+    torch.testing.assert_close(logp[mask], batch.old_logprobs[mask].double(), rtol=1e-6, atol=1e-6)
+    assert (logp[~mask] == 0).all()
+    metrics = learner.step(batch)
+    assert abs(metrics["ratio_mean"] - 1.0) < 1e-6 and metrics["loss"] == metrics["loss"]
