@@ -156,7 +156,7 @@ def run_episodes(
         episodes.append(ep)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="env-step")
     try:
-        for _ in range(max_turns):
+        for turn in range(max_turns):
             running = [ep for ep in episodes if ep.end_reason is None]
             if not running:
                 break
@@ -165,7 +165,7 @@ def run_episodes(
                 _take_turn(ep, traj, token_budget)
                 if ep.end_reason is None:
                     _act(ep, parse, ToolCallError, tokenizer, template, token_budget, pool,
-                         step_timeout_s)  # fmt: skip
+                         step_timeout_s, last=turn == max_turns - 1)  # fmt: skip
         for ep in episodes:
             if ep.end_reason is None:
                 _end(ep, "max_turns")
@@ -200,8 +200,10 @@ def _act(
     token_budget: int,
     pool: concurrent.futures.ThreadPoolExecutor,
     step_timeout_s: float,
+    last: bool,
 ) -> None:
-    """Run the turn's tool call in the environment and append its observation."""
+    """Run the turn's tool call in the environment and append its observation (not after the
+    last turn: the model would never read it, so the record ends at its own last token)."""
     _, start, end = ep.spans[-1]
     text = tokenizer.decode([t for t in ep.token_ids[start:end] if t != tokenizer.eos_id])
     call = parse(text)
@@ -225,6 +227,9 @@ def _act(
         return
     if done:
         _end(ep, "done")
+        return
+    if last:
+        _end(ep, "max_turns")
         return
     ids = template.observation(tokenizer, str(observation))
     if len(ep.token_ids) + len(ids) >= token_budget:

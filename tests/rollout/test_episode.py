@@ -190,6 +190,10 @@ def test_native_engine_episodes_replay_to_the_samplers_logprobs():
     )  # fmt: skip
     for ep in episodes:
         assert ep.num_turns >= 2, ep.end_reason
+        # The record ends at the model's own last token (no unread tool answer after it),
+        # and every position but that one has its routing.
+        assert ep.spans[-1][0] == "assistant"
+        assert ep.routing.shape[0] == len(ep.token_ids) - 1
         ids = torch.tensor([ep.token_ids])
         rec = torch.from_numpy(ep.routing.astype(np.int64))
         pad = torch.arange(rec.shape[-1]).expand(ids.shape[1] - rec.shape[0], *rec.shape[1:])

@@ -518,3 +518,44 @@ def test_engine_files_stay_in_its_work_dir_and_orphans_are_removed(engine, tmp_p
     _remove_orphaned_work_dirs(tmp_path)
     left = sorted(p.name.removeprefix(WORK_DIR_PREFIX) for p in tmp_path.iterdir())
     assert left == ["elsewhere", "legacy", "live"]
+
+
+def test_multi_turn_episodes_replay_within_the_single_turn_bound(engine, checkpoints):
+    """Episodes over the vLLM engine (rollout/episode.py): every turn's generated tokens carry
+    pi_old and kept ids, every position routing, and one teacher-forced forward over the whole
+    episode with that routing replayed matches pi_old within the single-turn bound."""
+    from rewards.agent import Environment, Tool, ToolCall
+    from rollout.episode import run_episodes
+
+    class Echo(Environment):
+        tools = {"ok": Tool("answers", {})}
+
+        def reset(self, task):
+            return "go"
+
+        def verify(self, state):
+            return 1.0
+
+        def tool_ok(self):
+            return "fine"
+
+    model = checkpoints["a"][1]
+    sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, max_tokens=6, seed=11,
+                        stop_token_ids=tuple(range(2, 60)))  # fmt: skip
+    episodes = run_episodes(
+        engine, [Echo() for _ in range(4)], [{}] * 4, TOK, sampling, max_turns=3,
+        token_budget=200, parse=lambda text: ToolCall("ok", {}),
+    )  # fmt: skip
+    gaps = []
+    for ep in episodes:
+        assert ep.num_turns >= 2 and ep.weight_versions == {0}
+        ids = torch.tensor([ep.token_ids[:-1]])
+        routing = torch.from_numpy(ep.routing[: len(ep.token_ids) - 1].astype(np.int64))[None]
+        with torch.no_grad():
+            logits = model(ids, replay_routing=routing).logits[0].float() / 0.9
+        for p in np.flatnonzero(ep.loss_mask):
+            kept = torch.from_numpy(ep.kept_ids[p].astype(np.int64))
+            row = logits[p - 1] if len(kept) == 0 else logits[p - 1].index_select(0, kept)
+            lp = float(logits[p - 1, ep.token_ids[p]] - row.logsumexp(0))
+            gaps.append(abs(lp - ep.logprobs[p]))
+    assert len(gaps) > 8 and max(gaps) < LOGPROB_ATOL
