@@ -220,6 +220,14 @@ class RolloutPool:
         pending = {
             w.update_weights.remote(payload, version): slot for slot, w in enumerate(self.workers)
         }
+        routes = self._await_pushes(pending, f"pushing weights version {version}")
+        self.weight_version = version
+        return ", ".join(sorted(routes))
+
+    def _await_pushes(self, pending: dict[Any, int], doing: str) -> set[str]:
+        """Wait for every worker's push (ref -> slot); a worker that dies is replaced, the
+        replacement given the current weights as it starts, and that push awaited instead.
+        The routes the engines took."""
         routes: set[str] = set()
         deaths = 0
         while pending:
@@ -228,11 +236,9 @@ class RolloutPool:
             try:
                 routes.add(ray.get(ref))
             except WORKER_DEATH as e:
-                deaths = self._count_death(deaths, e, f"pushing weights version {version}")
-                # the replacement is given the current weights as it starts; await that push
+                deaths = self._count_death(deaths, e, doing)
                 pending[self._replace(slot, self.workers[slot])] = slot
-        self.weight_version = version
-        return ", ".join(sorted(routes))
+        return routes
 
     def stream_weights(self, learner: Any, version: int, bucket_bytes: int) -> str:
         """Push the learner actor's weights bucket by bucket (`weight_bucket_names`,
@@ -248,17 +254,8 @@ class RolloutPool:
         refs = [learner.weight_bucket.remote(b, version) for b in buckets]
         previous, self._weights = self._weights, (("stream", names, refs), version)
         pending = {self._stream_to(w, names, refs, version): s for s, w in enumerate(self.workers)}
-        routes: set[str] = set()
-        deaths = 0
         try:
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                slot = pending.pop(ref)
-                try:
-                    routes.add(ray.get(ref))
-                except WORKER_DEATH as e:
-                    deaths = self._count_death(deaths, e, f"streaming weights version {version}")
-                    pending[self._replace(slot, self.workers[slot])] = slot
+            routes = self._await_pushes(pending, f"streaming weights version {version}")
         except BaseException:
             self._weights = previous  # a replacement must get weights that did arrive
             raise

@@ -137,20 +137,30 @@ class Environment:
     def _dispatch(self, call: ToolCall | ToolCallError) -> str:
         if isinstance(call, ToolCallError):
             return call.message
-        tool = self.tools.get(call.name)
-        if tool is None:
+        if call.name not in self.tools:
             return f"error: unknown tool {call.name!r}; available: {', '.join(self.tools)}"
+        problem = self._argument_error(call)
+        if problem:
+            return problem
+        try:
+            return self._invoke(call)
+        except ToolError as exc:
+            return f"error: {exc}"
+        except Exception as exc:  # odd argument types, a tool's bug: an observation, not a crash
+            return f"error: {call.name} failed ({type(exc).__name__}: {exc})"
+
+    def _argument_error(self, call: ToolCall) -> str | None:
+        """The observation for a call whose arguments do not fit the tool, else None."""
+        tool = self.tools[call.name]
         missing = [p for p in tool.params if p not in call.arguments]
         unknown = [a for a in call.arguments if a not in tool.params]
         if missing or unknown:
             expected = ", ".join(tool.params) or "no arguments"
             return f"error: {call.name} takes ({expected}); missing {missing}, unexpected {unknown}"
-        try:
-            return getattr(self, f"tool_{call.name}")(**call.arguments)
-        except ToolError as exc:
-            return f"error: {exc}"
-        except Exception as exc:  # odd argument types: an observation, never a crash
-            return f"error: {call.name} failed ({type(exc).__name__}: {exc})"
+        return None
+
+    def _invoke(self, call: ToolCall) -> str:
+        return getattr(self, f"tool_{call.name}")(**call.arguments)
 
 
 class ToolError(Exception):

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import Environment, Tool, ToolCall, ToolCallError, ToolError, format_tool_call
+from . import Environment, Tool, ToolCall, ToolError, format_tool_call
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -120,21 +120,12 @@ class SpecEnvironment(Environment):
     def verify(self, final_state: dict) -> float:
         return float(self.spec.verify(final_state, self.task))
 
-    def _dispatch(self, call: ToolCall | ToolCallError) -> str:
-        if isinstance(call, ToolCallError):
-            return call.message
-        tool = self._tools.get(call.name)
-        if tool is None:
-            return f"error: unknown tool {call.name!r}; available: {', '.join(self._tools)}"
-        errors = schema_errors(tool.parameters, call.arguments)
-        if errors:
-            return f"error: {call.name}: " + "; ".join(errors)
-        try:
-            out = tool.fn(self.state, **call.arguments)
-        except ToolError as exc:
-            return f"error: {exc}"
-        except Exception as exc:  # a tool's own bug: an observation, never a crash
-            return f"error: {call.name} failed ({type(exc).__name__}: {exc})"
+    def _argument_error(self, call: ToolCall) -> str | None:
+        errors = schema_errors(self._tools[call.name].parameters, call.arguments)
+        return f"error: {call.name}: " + "; ".join(errors) if errors else None
+
+    def _invoke(self, call: ToolCall) -> str:
+        out = self._tools[call.name].fn(self.state, **call.arguments)
         if self.state.get("_done"):
             self.done = True
         return out if isinstance(out, str) else json.dumps(out, sort_keys=True)
