@@ -188,6 +188,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Multi-turn tool-use episodes instead of single-turn prompts (rollout/episode.py)."""
+
+    # module:attr of an environment spec or a family (seed -> spec), rewards/agent/spec.py;
+    # null: the single-turn tasks of the data section
+    environment: str | None = None
+    environments: int = 64  # a family's environments: seeds 0 .. environments - 1
+    max_turns: int = 8  # model turns an episode may take
+    token_budget: int = 1024  # tokens an episode's context may reach
+    step_timeout_s: float = 10.0  # seconds a tool call may take before the episode ends
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """The run itself."""
 
@@ -202,6 +215,7 @@ class ExperimentConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -259,6 +273,8 @@ def _check(cfg: ExperimentConfig) -> None:
             "ray.placement colocated takes turns on the same devices: rollout.max_staleness "
             f"must be 0, got {cfg.rollout.max_staleness}"
         )
+    if cfg.agent.step_timeout_s <= 0:
+        raise ConfigError(f"agent.step_timeout_s must be > 0, got {cfg.agent.step_timeout_s}")
     if cfg.ray.reserve_timeout_s <= 0:
         raise ConfigError(f"ray.reserve_timeout_s must be > 0, got {cfg.ray.reserve_timeout_s}")
     for name, value in [
@@ -267,6 +283,9 @@ def _check(cfg: ExperimentConfig) -> None:
         ("rollout.workers", cfg.rollout.workers),
         ("data.prompts_per_step", cfg.data.prompts_per_step),
         ("rollout.weight_bucket_mb", cfg.rollout.weight_bucket_mb),
+        ("agent.environments", cfg.agent.environments),
+        ("agent.max_turns", cfg.agent.max_turns),
+        ("agent.token_budget", cfg.agent.token_budget),
     ]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")

@@ -77,6 +77,18 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"unknown model field 'model.overrides.{bad[0]}'{hint}") from None
         except ValueError as e:
             raise ConfigError(f"model.overrides: {e}") from None
+    if cfg.agent.environment:
+        from rewards.agent.spec import load_env
+
+        try:
+            load_env(cfg.agent.environment)
+        except ValueError as e:
+            raise ConfigError(f"agent.environment: {e}") from None
+        if cfg.agent.token_budget > args.max_position_embeddings:
+            raise ConfigError(
+                f"agent.token_budget {cfg.agent.token_budget} exceeds the model's "
+                f"max_position_embeddings {args.max_position_embeddings}"
+            )
     if cfg.model.attention == "triton":
         why = triton_supported(args)
         if why is None and not cfg.optim.device.startswith("cuda"):

@@ -221,6 +221,11 @@ def _train(
             cfg.data.task_kwargs,
             position=state.data_position,
         )
+        agent_source = None
+        if cfg.agent.environment:
+            from rewards.agent.spec import load_env
+
+            agent_source = load_env(cfg.agent.environment)
 
         def done(r: _Rollout) -> None:  # the step's learner half, then its records
             metrics = _finish(cfg, r, learner, pool, scorer, store)
@@ -242,7 +247,10 @@ def _train(
             if in_flight is not None and cfg.rollout.max_staleness == 0:
                 done(in_flight)
                 in_flight = None
-            r = _rollout(cfg, step, tok, stream, pool, scorer)
+            if agent_source is not None:
+                r = _agent_rollout(cfg, step, tok, pool, agent_source, stream.position)
+            else:
+                r = _rollout(cfg, step, tok, stream, pool, scorer)
             if placement.colocated:  # the learner's turn on the devices
                 pool.release()
             if in_flight is not None:
@@ -384,6 +392,64 @@ class _Rollout:
     rollout_s: float
     data_position: int  # the task stream's position after this step's prompts
     updates: list = dataclasses.field(default_factory=list)  # the learner's step refs
+    extra_metrics: dict = dataclasses.field(default_factory=dict)  # e.g. agent episode stats
+
+
+def _agent_rollout(
+    cfg: ExperimentConfig, step: int, tok: Tokenizer, pool: Any, source: Any, position: int
+) -> _Rollout:
+    """Sample step `step`'s multi-turn episodes: prompts_per_step tasks (each from the next
+    environment of a family, or from one environment), samples_per_prompt episodes of each
+    (one GRPO group), the environment's verdict as the reward."""
+    from rewards.agent.spec import EnvSpec
+    from rollout.episode import FAILURES, run_episodes
+
+    envs, tasks, groups = [], [], []
+    for i in range(cfg.data.prompts_per_step):
+        k = step * cfg.data.prompts_per_step + i
+        spec = source if isinstance(source, EnvSpec) else source(k % cfg.agent.environments)
+        task, _ = spec.generate(_seed(cfg, k))
+        for _ in range(cfg.rollout.samples_per_prompt):
+            envs.append(spec.environment())
+            tasks.append(task)
+            groups.append(k)
+    sampling = dataclasses.replace(cfg.rollout.sampling, seed=_seed(cfg, step))
+    start = time.perf_counter()
+    episodes = run_episodes(
+        pool, envs, tasks, tok, sampling,
+        max_turns=cfg.agent.max_turns, token_budget=cfg.agent.token_budget,
+        step_timeout_s=cfg.agent.step_timeout_s,
+    )  # fmt: skip
+    rollout_s = time.perf_counter() - start
+    # An episode whose environment failed before the first turn has nothing to train on.
+    kept = [(ep, g) for ep, g in zip(episodes, groups, strict=True) if ep.num_turns > 0]
+    trajs = [ep.to_trajectory(sampling, pool.name) for ep, _ in kept]
+    if not kept:
+        raise RuntimeError(f"agent step {step}: every environment failed before a turn")
+    for t, (_, g) in zip(trajs, kept, strict=True):
+        t.prompt_index = g - step * cfg.data.prompts_per_step
+    scores = [
+        {
+            "reward": float(ep.reward or 0.0),
+            "subscores": {"agent": float(ep.reward or 0.0)},
+            "failure": ep.end_reason if ep.end_reason in FAILURES else None,
+        }
+        for ep, _ in kept
+    ]
+    batch = Batch.from_episodes(
+        [ep for ep, _ in kept], [g for _, g in kept], temperature=sampling.temperature
+    )
+    reasons: dict[str, float] = {}
+    for ep in episodes:
+        key = f"agent/end/{ep.end_reason}"
+        reasons[key] = reasons.get(key, 0.0) + 1 / len(episodes)
+    extra = {
+        "agent/turns": sum(ep.num_turns for ep in episodes) / len(episodes),
+        **reasons,
+    }
+    r = _Rollout(step, trajs, scores, [g for _, g in kept], batch, rollout_s, position)
+    r.extra_metrics = extra
+    return r
 
 
 def _rollout(
@@ -477,7 +543,8 @@ def _finish(
     lengths = [len(t.response_ids) for t in r.trajs]
     return {
         **metrics,
-        **_reward_stats(r.scores, lengths, scorer.labels),
+        **_reward_stats(r.scores, lengths, ["agent"] if cfg.agent.environment else scorer.labels),
+        **r.extra_metrics,
         "rollout_tokens_per_s": generated / r.rollout_s,
         "weight_version": r.step + 1,
         "weight_sync_s": sync_s,

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .trajectory import Engine, Sampling
+from .trajectory import Engine, Sampling, Trajectory, compact_routing
 
 FAILURES = ("malformed_call", "unknown_tool", "env_error", "env_timeout", "length")
 FAILURES += ("token_budget", "max_turns")
@@ -90,6 +90,29 @@ class Episode:
     @property
     def num_turns(self) -> int:
         return sum(role == "assistant" for role, _, _ in self.spans)
+
+    def to_trajectory(self, sampling: Sampling, engine: str) -> Trajectory:
+        """The episode as a stored Trajectory: the first prompt, then everything after it as
+        the "response" (pi_old and kept ids 0 / empty at the tool answers), with the turns,
+        the end reason and the reward in `extra` (episode_loss_mask reads the mask back)."""
+        n = self.spans[0][2]
+        return Trajectory(
+            prompt_ids=self.token_ids[:n],
+            response_ids=self.token_ids[n:],
+            logprobs=np.asarray(self.logprobs[n:], np.float32),
+            routing=compact_routing(self.routing),
+            kept_ids=self.kept_ids[n:],
+            sampling=sampling,
+            finish_reason=self.end_reason or "unfinished",
+            engine=engine,
+            weight_version=min(self.weight_versions, default=0),
+            extra={
+                "episode": {
+                    "turns": [[role, a, b] for role, a, b in self.spans],
+                    "end_reason": self.end_reason,
+                }
+            },
+        )
 
     def _append(self, role: str, ids: Sequence[int], generated: bool) -> None:
         start = len(self.token_ids)
@@ -236,3 +259,16 @@ def _act(
         _end(ep, "token_budget")
         return
     ep._append("tool", ids, generated=False)
+
+
+def episode_loss_mask(traj: Trajectory) -> list[bool] | None:
+    """A stored episode's loss mask over its tokens (its assistant turns), or None for a
+    single-turn trajectory."""
+    episode = traj.extra.get("episode")
+    if episode is None:
+        return None
+    mask = [False] * traj.num_tokens
+    for role, start, end in episode["turns"]:
+        if role == "assistant":
+            mask[start:end] = [True] * (end - start)
+    return mask

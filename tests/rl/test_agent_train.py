@@ -1,0 +1,67 @@
+"""`keeprl train` with multi-turn agent episodes (agent.environment): a run over a synthesized
+environment family trains and stores each episode token-exact with its turns; a bad
+environment path is one line at start."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from rl.cli import main as cli  # noqa: E402
+from rl.tracking import Tracker  # noqa: E402
+from rollout.episode import episode_loss_mask  # noqa: E402
+from rollout.store import RolloutStore  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "native-sparse.yaml")
+
+
+def _args(run):
+    return [
+        f"trainer.output_dir={run}",
+        "trainer.total_steps=2",
+        "checkpoint.every=1",
+        "warm_start.enabled=false",
+        "agent.environment=rewards.agent.spec:lookup_family",
+        "agent.max_turns=2",
+        "agent.token_budget=600",
+        "data.prompts_per_step=2",
+        "rollout.samples_per_prompt=2",
+        "rollout.sampling.max_tokens=8",
+        "ray.num_cpus=2",
+    ]
+
+
+def test_an_agent_run_trains_and_stores_its_episodes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    assert cli(["train", CONFIG, *_args(run)]) == 0
+    store = RolloutStore(run / "rollouts")
+    assert store.steps() == [0, 1]
+    step = store.read_step(1)
+    assert len(step.trajectories) == 4 and sorted(set(step.group_ids)) == [2, 3]
+    for t in step.trajectories:
+        mask = episode_loss_mask(t)
+        turns = t.extra["episode"]["turns"]
+        assert turns[0][0] == "prompt" and turns[0][2] == len(t.prompt_ids)
+        assert sum(mask) == sum(b - a for role, a, b in turns if role == "assistant") > 0
+        generated = np.flatnonzero(mask[len(t.prompt_ids) :])
+        assert (t.logprobs[generated] != 0).all()  # pi_old on every generated token
+        assert t.routing.shape[0] >= t.num_tokens - 1
+    tracker = Tracker(run, experiment="keeprl")
+    assert [s for s, _ in tracker.history("agent/turns")] == [0, 1]
+    tracker.close()
+
+
+def test_a_bad_environment_is_one_line_at_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    args = [*_args(run), "agent.environment=rewards.agent.spec:no_such_family"]
+    assert cli(["train", CONFIG, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "agent.environment" in err and "no_such_family" in err
+    assert not run.exists()
