@@ -162,7 +162,23 @@ def trajectory_report(
         "response": tok.decode(t.response_ids),
         "routing_shape": list(t.routing.shape),
         "tokens": _token_rows(t, tok),
+        "turns": _turns(t, tok),
     }
+
+
+def _turns(t: Trajectory, tok: Tokenizer) -> list[dict[str, Any]] | None:
+    """A multi-turn episode's turns (role, token span, text, and the episode's end reason on
+    the last); None for a single-turn trajectory. Spans index prompt + response tokens."""
+    episode = t.extra.get("episode")
+    if episode is None:
+        return None
+    ids = [*t.prompt_ids, *t.response_ids]
+    turns = [
+        {"role": role, "start": a, "end": b, "text": tok.decode(ids[a:b])}
+        for role, a, b in episode["turns"]
+    ]
+    turns[-1]["end_reason"] = episode["end_reason"]
+    return turns
 
 
 def inspect_step(
@@ -213,6 +229,13 @@ def _format_trajectory(r: dict[str, Any], step: int, tok: Tokenizer) -> list[str
         f"max_tokens={s['max_tokens']} seed={s['seed']} stop={s['stop_token_ids']}",
         f"prompt   {r['prompt']!r}",
         f"response {r['response']!r}",
+    ]
+    for turn in r.get("turns") or []:  # an agent episode, turn by turn
+        ends = f"  (episode ends: {turn['end_reason']})" if "end_reason" in turn else ""
+        lines.append(
+            f"   {turn['role']:<9} tokens [{turn['start']}, {turn['end']})  {turn['text']!r}{ends}"
+        )
+    lines += [
         f"{'pos':>5} {'id':>6}  {'token':<8} {'pi_old':>9} {'kept':>5}  "
         f"{'kept tokens':<36} experts per MoE layer ({layers} layers, top-{top_k})",
     ]

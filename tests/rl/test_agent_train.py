@@ -36,7 +36,7 @@ def _args(run):
     ]
 
 
-def test_an_agent_run_trains_and_stores_its_episodes(tmp_path, monkeypatch):
+def test_an_agent_run_trains_and_stores_its_episodes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     run = tmp_path / "run"
     assert cli(["train", CONFIG, *_args(run)]) == 0
@@ -55,6 +55,12 @@ def test_an_agent_run_trains_and_stores_its_episodes(tmp_path, monkeypatch):
     tracker = Tracker(run, experiment="keeprl")
     assert [s for s, _ in tracker.history("agent/turns")] == [0, 1]
     tracker.close()
+    # keeprl inspect shows the episode turn by turn, with its reward and how it ended.
+    capsys.readouterr()
+    assert cli(["inspect", str(run), "--step", "1", "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "   prompt    tokens [0, " in out and "   assistant tokens [" in out
+    assert "(episode ends: " in out and "reward " in out
 
 
 def test_a_bad_environment_is_one_line_at_start(tmp_path, monkeypatch, capsys):
