@@ -402,7 +402,7 @@ def _agent_rollout(
     environment of a family, or from one environment), samples_per_prompt episodes of each
     (one GRPO group), the environment's verdict as the reward."""
     from rewards.agent.spec import EnvSpec
-    from rollout.episode import FAILURES, run_episodes
+    from rollout.episode import run_episodes
 
     envs, tasks, groups = [], [], []
     for i in range(cfg.data.prompts_per_step):
@@ -432,7 +432,9 @@ def _agent_rollout(
         {
             "reward": float(ep.reward or 0.0),
             "subscores": {"agent": float(ep.reward or 0.0)},
-            "failure": ep.end_reason if ep.end_reason in FAILURES else None,
+            # The environment is the verifier: only its own failures are verifier failures;
+            # the model's (malformed calls, budgets) are logged as agent/end/<reason>.
+            "failure": ep.end_reason if ep.end_reason in ("env_error", "env_timeout") else None,
         }
         for ep, _ in kept
     ]
