@@ -5,6 +5,7 @@ fractions, with a small evaluator over Python's AST (never `eval`) and caps on e
 number size so a call cannot stall the environment; `submit(answer)` ends the episode.
 Reward 1 when the submitted value equals the task's answer exactly ("7/2", "3.5" and
 "14/4" all count), else 0. `generate(seed)` makes random expressions with a known answer.
+`spec` is the same environment in the synthesis format (rewards/agent/spec.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import operator
 import random
 from fractions import Fraction
 
-from . import AgentVerifier, Environment, Tool, ToolError
+from . import AgentVerifier, Environment, Tool, ToolCall, ToolError
+from .spec import EnvSpec, ToolSpec
 
 MAX_CHARS = 300
 MAX_EXPONENT = 64
@@ -99,13 +101,7 @@ class CalculatorEnv(Environment):
         return "submitted"
 
     def verify(self, final_state: dict) -> float:
-        submitted = final_state.get("submitted")
-        if submitted is None:
-            return 0.0
-        try:
-            return float(evaluate(submitted) == Fraction(final_state["answer"]))
-        except (ToolError, ValueError, ZeroDivisionError):
-            return 0.0
+        return verify_state(final_state)
 
     @staticmethod
     def generate(seed: int) -> tuple[dict, str]:
@@ -126,4 +122,62 @@ def _random_expression(rng: random.Random, depth: int) -> str:
     return f"({left} {op} {right})"
 
 
+def verify_state(state: dict) -> float:
+    """1 when the submitted value equals the answer exactly, else 0."""
+    submitted = state.get("submitted")
+    if submitted is None:
+        return 0.0
+    try:
+        return float(evaluate(submitted) == Fraction(state["answer"]))
+    except (ToolError, ValueError, ZeroDivisionError):
+        return 0.0
+
+
 verifier = AgentVerifier(CalculatorEnv)
+
+
+def _spec() -> EnvSpec:
+    """The calculator in the synthesis format (rewards/agent/spec.py): the same tools, tasks
+    and verdict as CalculatorEnv."""
+
+    def calculate(state: dict, expression: str) -> str:
+        return show(evaluate(expression))
+
+    def submit(state: dict, answer: str) -> str:
+        state["submitted"], state["_done"] = str(answer), True
+        return "submitted"
+
+    def make_task(rng: random.Random) -> tuple[dict, list[ToolCall]]:
+        task, answer = CalculatorEnv.generate(rng.randrange(2**31))
+        calls = [ToolCall("calculate", {"expression": task["expression"]})]
+        return task, [*calls, ToolCall("submit", {"answer": answer})]
+
+    def text_arg(name: str, description: str) -> dict:
+        props = {name: {"type": "string", "description": description}}
+        return {"type": "object", "properties": props, "required": [name]}
+
+    return EnvSpec(
+        name="calculator",
+        tools=(
+            ToolSpec(
+                "calculate",
+                "evaluate an arithmetic expression exactly",
+                text_arg("expression", "the expression"),
+                calculate,
+            ),
+            ToolSpec(
+                "submit",
+                "submit the final answer and end the episode",
+                text_arg("answer", "the answer, a/b for a fraction"),
+                submit,
+            ),
+        ),  # fmt: skip
+        make_task=make_task,
+        initial_state=lambda task: {"answer": task["answer"], "submitted": None},
+        prompt=lambda task: task["prompt"],
+        verify=lambda state, task: verify_state(state),
+        max_steps=CalculatorEnv.max_steps,
+    )
+
+
+spec = _spec()

@@ -10,13 +10,15 @@ Tools: `list_cities()`, `get_hotels(city)`, `get_flights(city)`, and `submit(pla
 plan such as [{"city": "Oslo", "days": 3, "hotel": "Fjord Inn"}, ...]. Reward 1 when every
 constraint holds, else 0; `violations(task, plan)` names what failed. `generate(seed)`
 first draws a plan, then builds the task around it, so every task has a known solution.
+`spec` is the same environment in the synthesis format (rewards/agent/spec.py).
 """
 
 from __future__ import annotations
 
 import random
 
-from . import AgentVerifier, Environment, Tool, ToolError
+from . import AgentVerifier, Environment, Tool, ToolCall, ToolError
+from .spec import EnvSpec, ToolSpec
 
 CITIES = [
     "Oslo",
@@ -160,3 +162,70 @@ class TripEnv(Environment):
 
 
 verifier = AgentVerifier(TripEnv)
+
+
+def _spec() -> EnvSpec:
+    """The trip planner in the synthesis format (rewards/agent/spec.py): the same tools,
+    tasks and verdict as TripEnv."""
+
+    def known(state: dict, city: object) -> str:
+        if not isinstance(city, str) or city not in state["task"]["hotels"]:
+            raise ToolError(f"unknown city {city!r}; call list_cities")
+        return city
+
+    def list_cities(state: dict) -> str:
+        return ", ".join(state["task"]["hotels"])
+
+    def get_hotels(state: dict, city: str) -> str:
+        hotels = state["task"]["hotels"][known(state, city)]
+        return "; ".join(f"{n}: {price}/night" for n, price in hotels.items())
+
+    def get_flights(state: dict, city: str) -> str:
+        return ", ".join(state["task"]["flights"][known(state, city)]) or "none"
+
+    def submit(state: dict, plan: list) -> str:
+        state["plan"], state["_done"] = plan, True
+        return "submitted"
+
+    def make_task(rng: random.Random) -> tuple[dict, list[ToolCall]]:
+        task, plan = TripEnv.generate(rng.randrange(2**31))
+        return task, [ToolCall("list_cities", {}), ToolCall("submit", {"plan": plan})]
+
+    def one(name: str, kind: str, description: str) -> dict:
+        props = {name: {"type": kind, "description": description}}
+        return {"type": "object", "properties": props, "required": [name]}
+
+    return EnvSpec(
+        name="trip",
+        tools=(
+            ToolSpec("list_cities", "cities you may visit", {"type": "object"}, list_cities),
+            ToolSpec(
+                "get_hotels",
+                "hotels in a city with their price per night",
+                one("city", "string", "name"),
+                get_hotels,
+            ),
+            ToolSpec(
+                "get_flights",
+                "cities with a direct flight from a city",
+                one("city", "string", "name"),
+                get_flights,
+            ),
+            ToolSpec(
+                "submit",
+                "submit the plan [{city, days, hotel}, ...] and end",
+                one("plan", "array", "list"),
+                submit,
+            ),
+        ),  # fmt: skip
+        make_task=make_task,
+        initial_state=lambda task: {"task": task, "plan": None},
+        prompt=lambda task: task["prompt"],
+        verify=lambda state, task: float(
+            state.get("plan") is not None and not violations(task, state["plan"])
+        ),
+        max_steps=TripEnv.max_steps,
+    )
+
+
+spec = _spec()

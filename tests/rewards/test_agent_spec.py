@@ -104,3 +104,35 @@ def test_environments_load_by_module_and_attribute():
         load_env("rewards.agent.spec")
     with pytest.raises(ValueError, match="neither an EnvSpec nor a family"):
         load_env("rewards.agent.spec:_FIELDS")
+
+
+@pytest.mark.parametrize("path", ["rewards.agent.calculator:spec", "rewards.agent.trip:spec"])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_ported_environments_solve_their_tasks_in_the_synthesis_format(path, seed):
+    """calculator and trip as EnvSpecs: their known solutions earn 1, a wrong submission 0,
+    bad arguments are observations, and the verdict is the hand-written environment's."""
+    from rewards.agent.calculator import CalculatorEnv
+    from rewards.agent.trip import TripEnv
+
+    spec = load_env(path)
+    task, calls = spec.generate(seed)
+    env = spec.environment()
+    env.reset(task)
+    for call in calls:
+        observation, done = env.step(call)
+        assert not observation.startswith("error"), observation
+    assert done and env.verify(env.state) == 1.0
+    hand = {"calculator": CalculatorEnv, "trip": TripEnv}[spec.name]()
+    hand.reset(task)
+    for call in calls:
+        if call.name in hand.tools:
+            hand.step(call)
+    assert hand.verify(hand.state) == 1.0
+    wrong = spec.environment()
+    wrong.reset(task)
+    name = calls[0].name if calls[0].arguments else "get_hotels"
+    observation, _ = wrong.step(ToolCall(name, {"nope": 1}))
+    assert observation.startswith("error") and "unexpected argument 'nope'" in observation
+    bad = {"answer": "0.123456"} if spec.name == "calculator" else {"plan": []}
+    wrong.step(ToolCall("submit", bad))
+    assert wrong.verify(wrong.state) == 0.0
