@@ -78,6 +78,28 @@ def violations(task: dict, plan: object) -> list[str]:
     return out
 
 
+def known_city(task: dict, city: object) -> str:
+    """`city` if the task has it, else the ToolError that tells the model where to look."""
+    if not isinstance(city, str) or city not in task["hotels"]:
+        raise ToolError(f"unknown city {city!r}; call list_cities")
+    return city
+
+
+def hotels_text(task: dict, city: object) -> str:
+    hotels = task["hotels"][known_city(task, city)]
+    return "; ".join(f"{name}: {price}/night" for name, price in hotels.items())
+
+
+def flights_text(task: dict, city: object) -> str:
+    return ", ".join(task["flights"][known_city(task, city)]) or "none"
+
+
+def plan_reward(state: dict) -> float:
+    """1 when a plan was submitted and breaks no constraint of the state's task, else 0."""
+    plan = state.get("plan")
+    return float(plan is not None and not violations(state["task"], plan))
+
+
 class TripEnv(Environment):
     name = "trip"
     max_steps = 30
@@ -94,20 +116,14 @@ class TripEnv(Environment):
         self.steps, self.done = 0, False
         return f"{task['prompt']}\n{self.tool_list()}"
 
-    def _city(self, city: object) -> str:
-        if not isinstance(city, str) or city not in self.task["hotels"]:
-            raise ToolError(f"unknown city {city!r}; call list_cities")
-        return str(city)
-
     def tool_list_cities(self) -> str:
         return ", ".join(self.task["hotels"])
 
     def tool_get_hotels(self, city: str) -> str:
-        hotels = self.task["hotels"][self._city(city)]
-        return "; ".join(f"{name}: {price}/night" for name, price in hotels.items())
+        return hotels_text(self.task, city)
 
     def tool_get_flights(self, city: str) -> str:
-        return ", ".join(self.task["flights"][self._city(city)]) or "none"
+        return flights_text(self.task, city)
 
     def tool_submit(self, plan: list) -> str:
         self.state["plan"] = plan
@@ -115,8 +131,7 @@ class TripEnv(Environment):
         return "submitted"
 
     def verify(self, final_state: dict) -> float:
-        plan = final_state.get("plan")
-        return float(plan is not None and not violations(final_state["task"], plan))
+        return plan_reward(final_state)
 
     @staticmethod
     def generate(seed: int) -> tuple[dict, list[dict]]:
@@ -168,20 +183,14 @@ def _spec() -> EnvSpec:
     """The trip planner in the synthesis format (rewards/agent/spec.py): the same tools,
     tasks and verdict as TripEnv."""
 
-    def known(state: dict, city: object) -> str:
-        if not isinstance(city, str) or city not in state["task"]["hotels"]:
-            raise ToolError(f"unknown city {city!r}; call list_cities")
-        return city
-
     def list_cities(state: dict) -> str:
         return ", ".join(state["task"]["hotels"])
 
     def get_hotels(state: dict, city: str) -> str:
-        hotels = state["task"]["hotels"][known(state, city)]
-        return "; ".join(f"{n}: {price}/night" for n, price in hotels.items())
+        return hotels_text(state["task"], city)
 
     def get_flights(state: dict, city: str) -> str:
-        return ", ".join(state["task"]["flights"][known(state, city)]) or "none"
+        return flights_text(state["task"], city)
 
     def submit(state: dict, plan: list) -> str:
         state["plan"], state["_done"] = plan, True
@@ -221,9 +230,7 @@ def _spec() -> EnvSpec:
         make_task=make_task,
         initial_state=lambda task: {"task": task, "plan": None},
         prompt=lambda task: task["prompt"],
-        verify=lambda state, task: float(
-            state.get("plan") is not None and not violations(task, state["plan"])
-        ),
+        verify=lambda state, task: plan_reward(state),
         max_steps=TripEnv.max_steps,
     )
 
