@@ -58,15 +58,20 @@ class AttnContext:
 
     @property
     def allowed(self) -> torch.Tensor:
-        """[B, T, S] visibility: causal over slots, real keys only, and a query always sees
-        itself (no empty rows). Built on first use: the index-based path never asks for it."""
+        """[B, T, S] visibility (see `visibility`). Built on first use: the index-based path
+        never asks for it."""
         if self._allowed is None:
-            t, s = self.query_valid.shape[1], self.key_valid.shape[1]
-            dev = self.key_valid.device
-            q_slot = torch.arange(self.start, self.start + t, device=dev).view(1, t, 1)
-            k_slot = torch.arange(s, device=dev).view(1, 1, s)
-            self._allowed = ((k_slot <= q_slot) & self.key_valid.unsqueeze(1)) | (k_slot == q_slot)
+            self._allowed = visibility(self.start, self.query_valid.shape[1], self.key_valid)
         return self._allowed
+
+
+def visibility(start: int, t: int, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, t, S] bool for queries at slots start .. start + t - 1 over keys key_valid [B, S]:
+    causal over slots, real keys only, and a query always sees itself (no empty rows)."""
+    s, dev = key_valid.shape[1], key_valid.device
+    q_slot = torch.arange(start, start + t, device=dev).view(1, t, 1)
+    k_slot = torch.arange(s, device=dev).view(1, 1, s)
+    return ((k_slot <= q_slot) & key_valid.unsqueeze(1)) | (k_slot == q_slot)
 
 
 def triton_supported(args: ModelArgs) -> str | None:
@@ -266,15 +271,13 @@ class MLA(nn.Module):
         n: int,
     ) -> torch.Tensor:
         """Attention of a fresh sequence's first n queries to its first n keys in MHA mode, with
-        the visibility of AttnContext.allowed (causal, real keys, always itself): [B, n, H, v]."""
+        AttnContext's visibility (causal, real keys, always itself): [B, n, H, v]."""
         b = c.shape[0]
         kv = self.kv_b_proj(c[:, :n]).view(b, n, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :n, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope[:, :n], q_pe[:, :n]], dim=-1)
-        slot = torch.arange(n, device=c.device)
-        causal = slot.view(1, n, 1) >= slot.view(1, 1, n)
-        allowed = (causal & key_valid[:, None, :n]) | (slot.view(1, n, 1) == slot.view(1, 1, n))
+        allowed = visibility(0, n, key_valid[:, :n])
         o, _ = _attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, self.scale, False
         )

@@ -30,7 +30,6 @@ class Placement:
     """A ready placement group and which bundle each actor goes to."""
 
     group: Any  # ray.util.placement_group.PlacementGroup
-    bundles: list[dict[str, float]]
     learner_bundles: list[int]
     rollout_bundles: list[int]
     colocated: bool
@@ -104,7 +103,6 @@ def reserve(cfg: ExperimentConfig) -> Placement:
     log.info("placement group ready: %d bundles, %s", len(bundles), cfg.ray.placement)
     return Placement(
         group,
-        bundles,
         learner_idx,
         rollout_idx,
         colocated,

@@ -47,7 +47,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class LearnerService:
-    """The learner as a Ray actor: owns the policy and optimizer; hands out weights."""
+    """The learner as a Ray actor: owns the policy and optimizer; hands out its weights in
+    buckets (rl/weights.py)."""
 
     def __init__(
         self,
@@ -70,9 +71,6 @@ class LearnerService:
         metrics = self.learner.step(batch)
         self.versions.updated()
         return metrics
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def weight_bucket_names(self, bucket_bytes: int, version: int) -> list[list[str]]:
         """The names of each bucket of a sync of `version` (checked first, so a sync of the
@@ -423,9 +421,9 @@ def _agent_rollout(
     rollout_s = time.perf_counter() - start
     # An episode whose environment failed before the first turn has nothing to train on.
     kept = [(ep, g) for ep, g in zip(episodes, groups, strict=True) if ep.num_turns > 0]
-    trajs = [ep.to_trajectory(sampling, pool.name) for ep, _ in kept]
     if not kept:
         raise RuntimeError(f"agent step {step}: every environment failed before a turn")
+    trajs = [ep.to_trajectory(sampling, pool.name) for ep, _ in kept]
     for t, (_, g) in zip(trajs, kept, strict=True):
         t.prompt_index = g - step * cfg.data.prompts_per_step
     scores = [
@@ -445,13 +443,11 @@ def _agent_rollout(
     for ep in episodes:
         key = f"agent/end/{ep.end_reason}"
         reasons[key] = reasons.get(key, 0.0) + 1 / len(episodes)
-    extra = {
-        "agent/turns": sum(ep.num_turns for ep in episodes) / len(episodes),
-        **reasons,
-    }
-    r = _Rollout(step, trajs, scores, [g for _, g in kept], batch, rollout_s, position)
-    r.extra_metrics = extra
-    return r
+    turns = sum(ep.num_turns for ep in episodes) / len(episodes)
+    return _Rollout(
+        step, trajs, scores, [g for _, g in kept], batch, rollout_s, position,
+        extra_metrics={"agent/turns": turns, **reasons},
+    )  # fmt: skip
 
 
 def _rollout(
