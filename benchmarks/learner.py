@@ -56,11 +56,13 @@ CONFIGS = {
 KEPT = 20
 
 
-def policy_args(config: str) -> ModelArgs:
+def policy_args(config: str, experts: int | None = None) -> ModelArgs:
     if config == "tiny":
         return preset("tiny", index_topk=16)
     if config == "v32-2layer":  # DeepSeek-V3.2's own layers: one dense, one MoE (14.0B)
-        return preset("deepseek-v3.2", num_hidden_layers=2, first_k_dense_replace=1)
+        # --experts trims the routed experts (V3.2 has 256) where the full layer does not fit.
+        extra = {} if experts is None else {"n_routed_experts": experts}
+        return preset("deepseek-v3.2", num_hidden_layers=2, first_k_dense_replace=1, **extra)
     return preset(
         "deepseek-v3.2",
         num_hidden_layers=4,
@@ -150,9 +152,10 @@ def run(
     profile: bool = True,
     attention: str = "auto",
     fsdp: bool = False,
+    experts: int | None = None,
 ) -> dict:
     cfg = CONFIGS[config]
-    args = policy_args(config)
+    args = policy_args(config, experts)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     policy = Transformer(args, attention=attention).to(device, dtype)
@@ -247,10 +250,19 @@ def main() -> None:
     parser.add_argument(
         "--fsdp", action="store_true", help="the learner under FSDP2 in a one-rank group"
     )
+    parser.add_argument(
+        "--experts", type=int, help="v32-2layer: routed experts (V3.2 has 256), to fit a device"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     a = parser.parse_args()
     result = run(
-        a.config, a.device, a.steps, profile=not a.no_profile, attention=a.attention, fsdp=a.fsdp
+        a.config,
+        a.device,
+        a.steps,
+        profile=not a.no_profile,
+        attention=a.attention,
+        fsdp=a.fsdp,
+        experts=a.experts,
     )
     print(render(result))
     if a.json:
