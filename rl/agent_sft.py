@@ -17,22 +17,21 @@ import torch
 import torch.nn.functional as F
 
 from policy import Transformer
-from rollout.episode import TextChatTemplate, TextTokenizer
+from rollout.chat import ChatTemplate, TextChatTemplate, TextTokenizer
 
 
 def solution_sequence(
-    spec: Any, seed: int, tok: TextTokenizer, template: TextChatTemplate | None = None
+    spec: Any, seed: int, tok: TextTokenizer, template: ChatTemplate | None = None
 ) -> tuple[list[int], list[bool]]:
     """(token ids, loss mask) of the episode that solves `spec`'s task from `seed`."""
-    from rewards.agent import format_tool_call
-
     template = template or TextChatTemplate()
     task, calls = spec.generate(seed)
     env = spec.environment()
-    ids = template.first(tok, env.reset(task))
+    env.tools_in_prompt = template.prompt_lists_tools
+    ids = template.first(tok, env.reset(task), env.tool_schemas())
     mask = [False] * len(ids)
     for call in calls:
-        turn = [*tok.encode(format_tool_call(call.name, call.arguments)), tok.eos_id]
+        turn = template.assistant(tok, call)
         ids += turn
         mask += [True] * len(turn)
         observation, done = env.step(call)
@@ -54,7 +53,7 @@ def train_agent_sft(
     lr: float,
     environments: int = 64,
     seed: int = 0,
-    template: TextChatTemplate | None = None,
+    template: ChatTemplate | None = None,
 ) -> list[float]:
     """Train `model` in place on solved episodes of `source` (an EnvSpec, or a family: seed ->
     EnvSpec, of which `environments` are used), the loss on the assistant turns; returns the

@@ -198,6 +198,13 @@ class AgentConfig:
     max_turns: int = 8  # model turns an episode may take
     token_budget: int = 1024  # tokens an episode's context may reach
     step_timeout_s: float = 10.0  # seconds a tool call may take before the episode ends
+    # the chat format episodes are rendered in (rollout/chat.py): "text" (plain role markers,
+    # the character tokenizer) or "deepseek-v3.2" (needs a tokenizer with its special tokens)
+    chat_template: Literal["text", "deepseek-v3.2"] = "text"
+    thinking: bool = True  # deepseek-v3.2: each turn opens with <think> (reasoning kept)
+    # text: end each task prompt with the tool list; false only for one fixed environment
+    # whose tools the warm start teaches
+    list_tools: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -107,6 +107,13 @@ def preflight(cfg: ExperimentConfig) -> None:
             f"model: the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
             f"{args.vocab_size}; {fix}"
         )
+    if cfg.agent.environment:
+        from .trainer import agent_template
+
+        try:
+            agent_template(cfg, tok)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
         learner_config(cfg)
     except ValueError as e:

@@ -31,7 +31,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], keep_special: bool = False) -> str: ...
 
     def prompt_ids(self, text: str) -> list[int]: ...
 
@@ -54,7 +54,8 @@ class CharTokenizer:
                 "printable-ASCII vocabulary"
             ) from None
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """The characters of ids (BOS and EOS have no text, kept or not)."""
         return "".join(_CHARS[i - 2] for i in ids if 2 <= i < self.vocab_size)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -82,8 +83,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """The text of ids; special tokens (BOS, EOS, role and tool-call markers) only with
+        keep_special (a chat template parsing a turn needs them)."""
+        return self._tok.decode(ids, skip_special_tokens=not keep_special)
 
     def prompt_ids(self, text: str) -> list[int]:
         """The prompt as the checkpoint expects it: its chat template applied to one user

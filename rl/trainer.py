@@ -96,6 +96,24 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
     torch.manual_seed(cfg.trainer.seed)
     model = Transformer(args)
     w = cfg.warm_start
+    if w.enabled and cfg.agent.environment:
+        # Agent runs warm-start on their environments' own solutions, rendered as episodes.
+        from rewards.agent.spec import load_env
+
+        from .agent_sft import train_agent_sft
+
+        source, template = load_env(cfg.agent.environment), agent_template(cfg, tok)
+
+        def stages(m: Transformer) -> dict:
+            lm = train_agent_sft(
+                m, source, tok, steps=w.steps, batch_size=w.batch_size, lr=w.lr,
+                environments=cfg.agent.environments, seed=cfg.trainer.seed, template=template,
+            )  # fmt: skip
+            return {"agent_sft": {"lm": lm}}
+
+        agent = dataclasses.asdict(cfg.agent)
+        settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "agent": agent}
+        return warm_start(model, None, tok, config=w, settings=settings, stages=stages)
     if w.enabled:
         stream = TaskStream(
             cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs
@@ -108,6 +126,25 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
     if not (path / "config.json").exists():
         save_pretrained(model, path)
     return path
+
+
+def agent_template(cfg: ExperimentConfig, tok: Tokenizer) -> Any:
+    """The chat template of cfg.agent, after checking the tokenizer can write it."""
+    from rollout.chat import SPECIAL_TOKENS, chat_template
+
+    a = cfg.agent
+    template = chat_template(a.chat_template, thinking=a.thinking, list_tools=a.list_tools)
+    if a.chat_template == "deepseek-v3.2":
+        try:
+            split = [t for t in SPECIAL_TOKENS if len(tok.encode(t)) != 1]
+        except ValueError:  # the character tokenizer cannot encode them at all
+            split = list(SPECIAL_TOKENS)
+        if split:
+            raise ValueError(
+                "agent.chat_template deepseek-v3.2 needs a tokenizer with DeepSeek-V3.2's "
+                f"special tokens (model.tokenizer or model.checkpoint); this one splits {split}"
+            )
+    return template
 
 
 def _seed(cfg: ExperimentConfig, step: int) -> int:
@@ -414,7 +451,7 @@ def _agent_rollout(
     sampling = dataclasses.replace(cfg.rollout.sampling, seed=_seed(cfg, step))
     start = time.perf_counter()
     episodes = run_episodes(
-        pool, envs, tasks, tok, sampling,
+        pool, envs, tasks, tok, sampling, template=agent_template(cfg, tok),
         max_turns=cfg.agent.max_turns, token_budget=cfg.agent.token_budget,
         step_timeout_s=cfg.agent.step_timeout_s,
     )  # fmt: skip

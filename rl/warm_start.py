@@ -239,22 +239,24 @@ def cache_key(settings: dict) -> str:
 
 def warm_start(
     model: Transformer,
-    stream: TaskStream,
+    stream: TaskStream | None,
     tok: Tokenizer,
     *,
     config: WarmStartConfig,
     settings: dict,
+    stages: Callable[[Transformer], dict] | None = None,
 ) -> Path:
     """The warm-started checkpoint directory under config.cache_dir: from the cache when
     `settings` (everything else that determines the result: model, data, the initial model's
     seed) and the stage settings were seen before. The config enters the cache key itself, so
-    no stage setting can escape it."""
+    no stage setting can escape it. `stages(model)` replaces the recipe's stages (the agent
+    warm start, rl/agent_sft.py); it returns the losses to keep beside the checkpoint."""
     settings = {**settings, "warm_start": dataclasses.asdict(config)}
     cache = Path(config.cache_dir).expanduser() / cache_key(settings)
     if (cache / "config.json").exists():
         log.info("warm-start: using cached %s", cache)
         return cache
-    losses = run_stages(model, stream, tok, config)
+    losses = stages(model) if stages is not None else run_stages(model, stream, tok, config)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     save_pretrained(model, tmp)

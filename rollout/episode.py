@@ -24,46 +24,17 @@ import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from .chat import ChatTemplate, TextChatTemplate, TextTokenizer
 from .trajectory import Engine, Sampling, Trajectory, compact_routing
+
+__all__ = ["Episode", "TextChatTemplate", "episode_loss_mask", "run_episodes"]
 
 FAILURES = ("malformed_call", "unknown_tool", "env_error", "env_timeout", "length")
 FAILURES += ("token_budget", "max_turns")
-
-
-class TextTokenizer(Protocol):
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-@dataclass(frozen=True)
-class TextChatTemplate:
-    """A chat format in plain-text role markers, for tokenizers without special tokens (the
-    tiny models' character tokenizer): BOS, then `<user>` + the task, `<assistant>`; each
-    assistant turn ends at EOS; a tool's observation follows as `<tool>` + text, then
-    `<assistant>` opens the next turn. Newlines, which the character vocabulary lacks, become
-    " / "."""
-
-    user: str = "<user>"
-    tool: str = "<tool>"
-    assistant: str = "<assistant>"
-
-    @staticmethod
-    def _text(text: str) -> str:
-        return " / ".join(line.strip() for line in text.strip().splitlines())
-
-    def first(self, tok: TextTokenizer, text: str) -> list[int]:
-        return [tok.bos_id, *tok.encode(self.user + self._text(text) + self.assistant)]
-
-    def observation(self, tok: TextTokenizer, text: str) -> list[int]:
-        return tok.encode(self.tool + self._text(text) + self.assistant)
 
 
 @dataclass
@@ -142,7 +113,7 @@ def run_episodes(
     tokenizer: TextTokenizer,
     sampling: Sampling,
     *,
-    template: TextChatTemplate | None = None,
+    template: ChatTemplate | None = None,
     max_turns: int = 8,
     token_budget: int = 1024,
     step_timeout_s: float = 10.0,
@@ -150,16 +121,14 @@ def run_episodes(
 ) -> list[Episode]:
     """Run one episode per (environment, task) pair, all running episodes batched into one
     engine call a turn. Environments speak rewards.agent's protocol: reset(task) -> text,
-    step(call) -> (observation, done), verify(state), a `tools` mapping. parse(turn text) ->
-    a ToolCall, a ToolCallError, or None for a turn without a call (the final answer);
-    default: rewards.agent's <tool_call> format."""
-    from rewards.agent import ToolCallError, parse_tool_call
+    step(call) -> (observation, done), verify(state), a `tools` mapping and tool_schemas().
+    The template (rollout/chat.py; default TextChatTemplate) renders the pieces; parse(turn
+    text) -> a ToolCall, a ToolCallError, or None for a turn without a call (the final
+    answer), by default the template's own."""
+    from rewards.agent import ToolCallError
 
     template = template or TextChatTemplate()
-    if parse is None:
-
-        def parse(text: str) -> Any:  # no call at all: the turn is the final answer
-            return parse_tool_call(text) if "<tool_call>" in text else None
+    parse = parse or template.parse
 
     sampling = dataclasses.replace(
         sampling, stop_token_ids=tuple({*sampling.stop_token_ids, tokenizer.eos_id})
@@ -168,7 +137,9 @@ def run_episodes(
     for env, task in zip(envs, tasks, strict=True):
         ep = Episode(task, env, [], [], [], [])
         try:
-            first = template.first(tokenizer, env.reset(task))
+            # The tool list in the prompt only where the template wants it there.
+            env.tools_in_prompt = template.prompt_lists_tools
+            first = template.first(tokenizer, env.reset(task), env.tool_schemas())
         except Exception:
             ep._append("prompt", [tokenizer.bos_id], generated=False)
             _end(ep, "env_error")
@@ -219,7 +190,7 @@ def _act(
     parse: Callable[[str], Any],
     error_type: type,
     tokenizer: TextTokenizer,
-    template: TextChatTemplate,
+    template: ChatTemplate,
     token_budget: int,
     pool: concurrent.futures.ThreadPoolExecutor,
     step_timeout_s: float,
@@ -228,8 +199,7 @@ def _act(
     """Run the turn's tool call in the environment and append its observation (not after the
     last turn: the model would never read it, so the record ends at its own last token)."""
     _, start, end = ep.spans[-1]
-    text = tokenizer.decode([t for t in ep.token_ids[start:end] if t != tokenizer.eos_id])
-    call = parse(text)
+    call = parse(template.turn_text(tokenizer, ep.token_ids[start:end]))
     if call is None:
         _end(ep, "answer")
         return

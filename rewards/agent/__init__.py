@@ -103,11 +103,36 @@ class Environment:
     name = "environment"
     tools: dict[str, Tool] = {}
     max_steps = 20
+    # reset's prompt ends with the tool list; a chat template that writes the tool schemas
+    # itself (rollout/chat.py) turns it off
+    tools_in_prompt = True
 
     def __init__(self) -> None:
         self.state: dict = {}
         self.steps = 0
         self.done = False
+
+    def tool_schemas(self) -> list[dict]:
+        """The tools as function descriptions with JSON-schema arguments (name, description,
+        parameters), for chat templates that render them; every argument a string."""
+        return [
+            {
+                "name": name,
+                "description": tool.description,
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        p: {"type": "string", "description": d} for p, d in tool.params.items()
+                    },
+                    "required": list(tool.params),
+                },
+            }
+            for name, tool in self.tools.items()
+        ]
+
+    def with_tools(self, prompt: str) -> str:
+        """The task prompt, then the tool list when tools_in_prompt (what reset returns)."""
+        return f"{prompt}\n{self.tool_list()}" if self.tools_in_prompt else prompt
 
     def reset(self, task: dict) -> str:
         raise NotImplementedError

@@ -90,7 +90,7 @@ class CalculatorEnv(Environment):
     def reset(self, task: dict) -> str:
         self.state = {"answer": task["answer"], "submitted": None}
         self.steps, self.done = 0, False
-        return f"{task['prompt']}\n{self.tool_list()}"
+        return self.with_tools(task["prompt"])
 
     def tool_calculate(self, expression: str) -> str:
         return show(evaluate(expression))
@@ -104,9 +104,9 @@ class CalculatorEnv(Environment):
         return verify_state(final_state)
 
     @staticmethod
-    def generate(seed: int) -> tuple[dict, str]:
+    def generate(seed: int, depth: int = 3) -> tuple[dict, str]:
         rng = random.Random(seed)
-        expression = _random_expression(rng, depth=3)
+        expression = _random_expression(rng, depth=depth)
         answer = show(evaluate(expression))
         prompt = f"Compute the exact value of {expression}. Give a fraction as a/b if needed."
         return {"prompt": prompt, "expression": expression, "answer": answer}, answer
@@ -136,9 +136,9 @@ def verify_state(state: dict) -> float:
 verifier = AgentVerifier(CalculatorEnv)
 
 
-def _spec() -> EnvSpec:
+def _spec(depth: int = 3) -> EnvSpec:
     """The calculator in the synthesis format (rewards/agent/spec.py): the same tools, tasks
-    and verdict as CalculatorEnv."""
+    and verdict as CalculatorEnv; `depth` bounds the nesting of the task's expression."""
 
     def calculate(state: dict, expression: str) -> str:
         return show(evaluate(expression))
@@ -148,7 +148,7 @@ def _spec() -> EnvSpec:
         return "submitted"
 
     def make_task(rng: random.Random) -> tuple[dict, list[ToolCall]]:
-        task, answer = CalculatorEnv.generate(rng.randrange(2**31))
+        task, answer = CalculatorEnv.generate(rng.randrange(2**31), depth)
         calls = [ToolCall("calculate", {"expression": task["expression"]})]
         return task, [*calls, ToolCall("submit", {"answer": answer})]
 
@@ -181,3 +181,6 @@ def _spec() -> EnvSpec:
 
 
 spec = _spec()
+# One operation a task ("(12 * 5)"): the agent quickstart's environment, learnable by the tiny
+# policy on 2 CPU cores.
+simple_spec = _spec(depth=1)

@@ -115,10 +115,16 @@ class SpecEnvironment(Environment):
         self.task = task
         self.state = self.spec.initial_state(task)
         self.steps, self.done = 0, False
-        return f"{self.spec.prompt(task)}\n{self.tool_list()}"
+        return self.with_tools(self.spec.prompt(task))
 
     def verify(self, final_state: dict) -> float:
         return float(self.spec.verify(final_state, self.task))
+
+    def tool_schemas(self) -> list[dict]:
+        return [
+            {"name": t.name, "description": t.description, "parameters": t.parameters}
+            for t in self.spec.tools
+        ]
 
     def _argument_error(self, call: ToolCall) -> str | None:
         errors = schema_errors(self._tools[call.name].parameters, call.arguments)

@@ -114,7 +114,7 @@ class TripEnv(Environment):
         self.task = task
         self.state = {"task": task, "plan": None}
         self.steps, self.done = 0, False
-        return f"{task['prompt']}\n{self.tool_list()}"
+        return self.with_tools(task["prompt"])
 
     def tool_list_cities(self) -> str:
         return ", ".join(self.task["hotels"])

@@ -71,3 +71,14 @@ def test_a_bad_environment_is_one_line_at_start(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "agent.environment" in err and "no_such_family" in err
     assert not run.exists()
+
+
+def test_the_v32_template_needs_its_special_tokens(tmp_path, monkeypatch, capsys):
+    """DeepSeek-V3.2's chat format with the character tokenizer: one line at start."""
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    args = [*_args(run), "agent.chat_template=deepseek-v3.2"]
+    assert cli(["train", CONFIG, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "deepseek-v3.2" in err and "special tokens" in err
+    assert not run.exists()
