@@ -171,6 +171,8 @@ class Environment:
             return self._invoke(call)
         except ToolError as exc:
             return f"error: {exc}"
+        except EnvironmentBroken:
+            raise  # not the model's doing: the episode ends (rollout/episode.py: env_error)
         except Exception as exc:  # odd argument types, a tool's bug: an observation, not a crash
             return f"error: {call.name} failed ({type(exc).__name__}: {exc})"
 
@@ -190,6 +192,11 @@ class Environment:
 
 class ToolError(Exception):
     """Raised by a tool for bad arguments; shown to the model as an error observation."""
+
+
+class EnvironmentBroken(RuntimeError):
+    """Raised by a tool when the environment itself cannot go on (e.g. no sandbox on this
+    machine): the step raises instead of answering the model."""
 
 
 def run_episode(
