@@ -12,9 +12,22 @@ import torch
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, std_normalize: bool = False, eps: float = 1e-6
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    std_normalize: bool = False,
+    eps: float = 1e-6,
+    episode_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A [N] from rewards [N] and integer group ids [N] (any values, any order)."""
+    """A [N] from rewards [N] and integer group ids [N] (any values, any order). With
+    episode_ids [N], rows of one episode (an agent episode's segments, which share its reward)
+    count once in their group's statistics and all get the episode's advantage."""
+    if episode_ids is not None:
+        _, inverse = torch.unique(episode_ids, return_inverse=True)
+        n = int(inverse.max()) + 1 if inverse.numel() else 0
+        rows = torch.arange(inverse.numel(), device=inverse.device)
+        first = torch.full((n,), inverse.numel(), dtype=torch.long, device=inverse.device)
+        first = first.scatter_reduce(0, inverse, rows, "amin")
+        return group_advantages(rewards[first], group_ids[first], std_normalize, eps)[inverse]
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(
             f"rewards {tuple(rewards.shape)} and group_ids "

@@ -38,12 +38,17 @@ class Batch:
     # [B, T] bool: the tokens the loss is about, where that is not simply every response
     # token (a multi-turn episode: the model's own turns, not the tool answers between them)
     loss_mask: torch.Tensor | None = None
+    # [B] long: the episode of each row, where one episode spans several rows (an agent
+    # episode continued in new segments after context overflow); None: a row per episode
+    episode_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
         for name in ("prompt_lens", "response_lens", "rewards", "group_ids"):
             if tuple(getattr(self, name).shape) != (b,):
                 raise ValueError(f"Batch.{name} must have shape [{b}]")
+        if self.episode_ids is not None and tuple(self.episode_ids.shape) != (b,):
+            raise ValueError(f"Batch.episode_ids must have shape [{b}]")
         for name in ("old_logprobs", "routing", "kept_ids", "loss_mask"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape[:2]) != (b, t):
@@ -141,27 +146,31 @@ class Batch:
         temperature: float = 1.0,
         pad_id: int = 0,
     ) -> Batch:
-        """A batch from multi-turn episodes (rollout.episode.Episode): each row the episode's
-        tokens, the loss on its generated turns only (loss_mask), pi_old and kept ids at those
-        positions, routing at every position, one reward per episode."""
-        plens = [ep.spans[0][2] for ep in episodes]  # the first prompt's span
+        """A batch from multi-turn episodes (rollout.episode.Episode): a row per segment (one
+        unless an overflow strategy continued the episode), the loss on its generated turns
+        only (loss_mask), pi_old and kept ids at those positions, routing at every position,
+        the episode's reward on each of its rows and episode_ids tying them together."""
+        rows = [(i, seg) for i, ep in enumerate(episodes) for seg in ep.segments]
+        plens = [seg.spans[0][2] for _, seg in rows]  # each segment's first span
         batch = cls.from_sequences(
-            [ep.token_ids[:n] for ep, n in zip(episodes, plens, strict=True)],
-            [ep.token_ids[n:] for ep, n in zip(episodes, plens, strict=True)],
-            [ep.logprobs[n:] for ep, n in zip(episodes, plens, strict=True)],
-            [float(ep.reward or 0.0) for ep in episodes],
-            group_ids,
-            routing=[torch.from_numpy(ep.routing.astype("int64")) for ep in episodes],
+            [seg.token_ids[:n] for (_, seg), n in zip(rows, plens, strict=True)],
+            [seg.token_ids[n:] for (_, seg), n in zip(rows, plens, strict=True)],
+            [seg.logprobs[n:] for (_, seg), n in zip(rows, plens, strict=True)],
+            [float(episodes[i].reward or 0.0) for i, _ in rows],
+            [group_ids[i] for i, _ in rows],
+            routing=[torch.from_numpy(seg.routing.astype("int64")) for _, seg in rows],
             kept_ids=[
-                [k.tolist() for k in ep.kept_ids[n:]] for ep, n in zip(episodes, plens, strict=True)
+                [k.tolist() for k in seg.kept_ids[n:]]
+                for (_, seg), n in zip(rows, plens, strict=True)
             ],
             temperature=temperature or 1.0,
             pad_id=pad_id,
         )
         mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-        for i, ep in enumerate(episodes):
-            mask[i, : len(ep.loss_mask)] = torch.tensor(ep.loss_mask, dtype=torch.bool)
-        return replace(batch, loss_mask=mask)
+        for r, (_, seg) in enumerate(rows):
+            mask[r, : len(seg.loss_mask)] = torch.tensor(seg.loss_mask, dtype=torch.bool)
+        episode_ids = torch.tensor([i for i, _ in rows], dtype=torch.long)
+        return replace(batch, loss_mask=mask, episode_ids=episode_ids)
 
     @classmethod
     def from_sequences(

@@ -205,6 +205,10 @@ class AgentConfig:
     # text: end each task prompt with the tool list; false only for one fixed environment
     # whose tools the warm start teaches
     list_tools: bool = True
+    # when a tool answer would pass token_budget: end the episode ("none", reward 0) or
+    # rewrite the context and continue in a new segment sharing the episode's reward
+    # (rollout/context.py: "summary", "discard_75", "discard_all")
+    overflow: Literal["none", "summary", "discard_75", "discard_all"] = "none"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -177,7 +177,13 @@ def _turns(t: Trajectory, tok: Tokenizer) -> list[dict[str, Any]] | None:
         {"role": role, "start": a, "end": b, "text": tok.decode(ids[a:b])}
         for role, a, b in episode["turns"]
     ]
-    turns[-1]["end_reason"] = episode["end_reason"]
+    segment, segments = episode.get("segment", 0), episode.get("segments", 1)
+    if segments > 1:  # an overflow strategy continued the episode in a new context
+        turns[0]["segment"] = f"segment {segment + 1} of {segments}"
+    if segment + 1 < segments:
+        turns[-1]["continues"] = f"context rewritten; continues in segment {segment + 2}"
+    else:
+        turns[-1]["end_reason"] = episode["end_reason"]
     return turns
 
 
@@ -231,7 +237,10 @@ def _format_trajectory(r: dict[str, Any], step: int, tok: Tokenizer) -> list[str
         f"response {r['response']!r}",
     ]
     for turn in r.get("turns") or []:  # an agent episode, turn by turn
+        if "segment" in turn:
+            lines.append(f"   {turn['segment']}")
         ends = f"  (episode ends: {turn['end_reason']})" if "end_reason" in turn else ""
+        ends += f"  ({turn['continues']})" if "continues" in turn else ""
         lines.append(
             f"   {turn['role']:<9} tokens [{turn['start']}, {turn['end']})  {turn['text']!r}{ends}"
         )

@@ -180,7 +180,9 @@ class Learner:
         start = time.perf_counter()
         batch = batch.to(self.policy.lm_head.weight.device)
         self.policy.train()
-        adv_all = group_advantages(batch.rewards, batch.group_ids, lcfg.std_normalize)
+        adv_all = group_advantages(
+            batch.rewards, batch.group_ids, lcfg.std_normalize, episode_ids=batch.episode_ids
+        )
         response = batch.response_mask
         n_seqs = int(response.any(1).sum())
         n_tokens = int(response.sum())

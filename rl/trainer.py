@@ -454,14 +454,18 @@ def _agent_rollout(
         pool, envs, tasks, tok, sampling, template=agent_template(cfg, tok),
         max_turns=cfg.agent.max_turns, token_budget=cfg.agent.token_budget,
         step_timeout_s=cfg.agent.step_timeout_s,
+        overflow=None if cfg.agent.overflow == "none" else cfg.agent.overflow,
     )  # fmt: skip
     rollout_s = time.perf_counter() - start
     # An episode whose environment failed before the first turn has nothing to train on.
     kept = [(ep, g) for ep, g in zip(episodes, groups, strict=True) if ep.num_turns > 0]
     if not kept:
         raise RuntimeError(f"agent step {step}: every environment failed before a turn")
-    trajs = [ep.to_trajectory(sampling, pool.name) for ep, _ in kept]
-    for t, (_, g) in zip(trajs, kept, strict=True):
+    # A row per trajectory segment (one unless an overflow strategy continued the episode),
+    # each with its episode's reward and group.
+    rows = [(ep, g, t) for ep, g in kept for t in ep.to_trajectories(sampling, pool.name)]
+    trajs = [t for _, _, t in rows]
+    for _, g, t in rows:
         t.prompt_index = g - step * cfg.data.prompts_per_step
     scores = [
         {
@@ -471,7 +475,7 @@ def _agent_rollout(
             # the model's (malformed calls, budgets) are logged as agent/end/<reason>.
             "failure": ep.end_reason if ep.end_reason in ("env_error", "env_timeout") else None,
         }
-        for ep, _ in kept
+        for ep, _, _ in rows
     ]
     batch = Batch.from_episodes(
         [ep for ep, _ in kept], [g for _, g in kept], temperature=sampling.temperature
@@ -481,9 +485,19 @@ def _agent_rollout(
         key = f"agent/end/{ep.end_reason}"
         reasons[key] = reasons.get(key, 0.0) + 1 / len(episodes)
     turns = sum(ep.num_turns for ep in episodes) / len(episodes)
+    segments = len(rows) / len(kept)
+    # Reward and accuracy per episode, not per row (an episode's segments share its reward).
+    ep_rewards = [float(ep.reward or 0.0) for ep, _ in kept]
+    per_episode = {
+        "reward_mean": sum(ep_rewards) / len(ep_rewards),
+        "accuracy/agent": sum(r >= 1.0 for r in ep_rewards) / len(ep_rewards),
+    }
+    per_episode["accuracy"] = per_episode["accuracy/agent"]
     return _Rollout(
-        step, trajs, scores, [g for _, g in kept], batch, rollout_s, position,
-        extra_metrics={"agent/turns": turns, **reasons},
+        step, trajs, scores, [g for _, g, _ in rows], batch, rollout_s, position,
+        extra_metrics={
+            "agent/turns": turns, "agent/segments": segments, **reasons, **per_episode
+        },
     )  # fmt: skip
 
 

@@ -54,12 +54,10 @@ def _pairs(messages: Sequence[Message]) -> list[tuple[int, int]]:
     ]
 
 
-def apply_overflow(
-    messages: Sequence[Message],
-    strategy: str,
-    summarize: Callable[[list[Message]], str] | None = None,
-) -> list[Message]:
-    """The context after an overflow strategy (see the module docstring)."""
+def overflow_plan(
+    messages: Sequence[Message], strategy: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """(indices of the messages kept, in order; the tool-call pairs the strategy removes)."""
     if strategy not in OVERFLOW_STRATEGIES:
         raise ValueError(
             f"overflow strategy must be one of {OVERFLOW_STRATEGIES}, not {strategy!r}"
@@ -68,12 +66,22 @@ def apply_overflow(
     if strategy == "discard_75":
         pairs = pairs[: math.ceil(0.75 * len(pairs))]  # the oldest three quarters go
     drop = {i for pair in pairs for i in pair}
-    kept = [m for i, m in enumerate(messages) if i not in drop]
+    return [i for i in range(len(messages)) if i not in drop], pairs
+
+
+def apply_overflow(
+    messages: Sequence[Message],
+    strategy: str,
+    summarize: Callable[[list[Message]], str] | None = None,
+) -> list[Message]:
+    """The context after an overflow strategy (see the module docstring)."""
+    kept, pairs = overflow_plan(messages, strategy)
+    out = [messages[i] for i in kept]
     if strategy != "summary" or not pairs:
-        return kept
+        return out
     if summarize is None:
         raise ValueError("the summary strategy needs a summarize callable")
     history = [messages[i] for pair in pairs for i in pair]
     # The rest of the conversation in order, then the summary of the tool work, from which
     # the episode continues.
-    return [*kept, Message("assistant", summarize(history))]
+    return [*out, Message("assistant", summarize(history))]
