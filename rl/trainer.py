@@ -111,7 +111,12 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
             )  # fmt: skip
             return {"agent_sft": {"lm": lm}}
 
-        agent = dataclasses.asdict(cfg.agent)
+        # What the solutions and their rendering depend on (not the budgets of the RL loop).
+        a = cfg.agent
+        agent = {
+            "environment": a.environment, "environments": a.environments,
+            "chat_template": a.chat_template, "thinking": a.thinking, "list_tools": a.list_tools,
+        }  # fmt: skip
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "agent": agent}
         return warm_start(model, None, tok, config=w, settings=settings, stages=stages)
     if w.enabled:

@@ -136,3 +136,23 @@ def test_the_ported_environments_solve_their_tasks_in_the_synthesis_format(path,
     bad = {"answer": "0.123456"} if spec.name == "calculator" else {"plan": []}
     wrong.step(ToolCall("submit", bad))
     assert wrong.verify(wrong.state) == 0.0
+
+
+def test_the_treasure_environment_needs_each_answer_for_the_next_call():
+    from rewards.agent.treasure import spec as treasure
+
+    for seed in range(5):
+        task, calls = treasure.generate(seed)
+        env = treasure.environment()
+        env.reset(task)
+        assert env.step(calls[0])[0] == f"The treasure is in the {task['box']} box."
+        assert env.step(calls[1])[0] == f"You found the {task['gem']}."
+        assert env.step(calls[2]) == ("submitted", True) and env.verify(env.state) == 1.0
+    env = treasure.environment()
+    task, _ = treasure.generate(0)
+    env.reset(task)
+    other = next(c for c in ("red", "blue") if c != task["box"])
+    assert env.step(ToolCall("open", {"box": other}))[0] == f"The {other} box is empty."
+    assert "no 'purple' box" in env.step(ToolCall("open", {"box": "purple"}))[0]
+    env.step(ToolCall("submit", {"gem": "glass"}))
+    assert env.verify(env.state) == 0.0

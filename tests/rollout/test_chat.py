@@ -218,6 +218,13 @@ def test_a_v32_episode_trains_on_the_templates_rendering(v32_tokenizer):
         if role == "assistant":
             mask[a:b] = [True] * (b - a)
     assert ep.loss_mask == mask and sum(mask) == sum(map(len, turns))
+    # ... and the learner's batch row is that rendering, its loss on exactly those turns.
+    from rl.batch import Batch
+
+    ep.reward = 1.0
+    batch = Batch.from_episodes([ep], [0])
+    assert batch.input_ids[0, : len(want)].tolist() == want
+    assert batch.response_mask[0, : len(want)].tolist() == mask
     text = tok.decode(ep.token_ids, keep_special=True)
     assert text.count("<result>") == 4 and f'name="{calls[1].name}"' in text
 
