@@ -261,11 +261,12 @@ def _train(
             cfg.data.task_kwargs,
             position=state.data_position,
         )
-        agent_source = None
+        agent_source, template = None, None
         if cfg.agent.environment:
             from rewards.agent.spec import load_env
 
             agent_source = load_env(cfg.agent.environment)
+            template = agent_template(cfg, tok)  # once: the same for every step
 
         def done(r: _Rollout) -> None:  # the step's learner half, then its records
             metrics = _finish(cfg, r, learner, pool, scorer, store)
@@ -288,7 +289,7 @@ def _train(
                 done(in_flight)
                 in_flight = None
             if agent_source is not None:
-                r = _agent_rollout(cfg, step, tok, pool, agent_source, stream.position)
+                r = _agent_rollout(cfg, step, tok, pool, agent_source, template, stream.position)
             else:
                 r = _rollout(cfg, step, tok, stream, pool, scorer)
             if placement.colocated:  # the learner's turn on the devices
@@ -436,7 +437,13 @@ class _Rollout:
 
 
 def _agent_rollout(
-    cfg: ExperimentConfig, step: int, tok: Tokenizer, pool: Any, source: Any, position: int
+    cfg: ExperimentConfig,
+    step: int,
+    tok: Tokenizer,
+    pool: Any,
+    source: Any,
+    template: Any,
+    position: int,
 ) -> _Rollout:
     """Sample step `step`'s multi-turn episodes: prompts_per_step tasks (each from the next
     environment of a family, or from one environment), samples_per_prompt episodes of each
@@ -456,7 +463,7 @@ def _agent_rollout(
     sampling = dataclasses.replace(cfg.rollout.sampling, seed=_seed(cfg, step))
     start = time.perf_counter()
     episodes = run_episodes(
-        pool, envs, tasks, tok, sampling, template=agent_template(cfg, tok),
+        pool, envs, tasks, tok, sampling, template=template,
         max_turns=cfg.agent.max_turns, token_budget=cfg.agent.token_budget,
         step_timeout_s=cfg.agent.step_timeout_s,
         overflow=None if cfg.agent.overflow == "none" else cfg.agent.overflow,

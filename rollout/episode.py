@@ -92,11 +92,6 @@ class Episode(Segment):
     def num_turns(self) -> int:
         return sum(Segment.num_turns.fget(seg) for seg in self.segments)  # type: ignore[attr-defined]
 
-    def to_trajectory(self, sampling: Sampling, engine: str) -> Trajectory:
-        """The episode as one stored Trajectory (an episode of one segment)."""
-        [t] = self.to_trajectories(sampling, engine)
-        return t
-
     def to_trajectories(self, sampling: Sampling, engine: str) -> list[Trajectory]:
         """A stored Trajectory per segment: the segment's first span as the prompt, the rest
         as the "response" (pi_old and kept ids 0 / empty where not generated), with its
