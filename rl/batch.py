@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from rollout.episode import episode_loss_mask
+
 
 @dataclass(kw_only=True)
 class Batch:
@@ -120,12 +122,14 @@ class Batch:
         *,
         pad_id: int = 0,
     ) -> Batch:
-        """A batch from rollout Trajectories (any engine): ids, pi_old, routing, kept ids."""
+        """A batch from rollout Trajectories (any engine): ids, pi_old, routing, kept ids. A
+        stored agent episode's segment (rollout.episode) gets its loss mask back from its
+        turns, so only its generated turns are compared or trained, not the tool answers."""
         temps = {t.sampling.temperature for t in trajectories}
         if len(temps) != 1:
             raise ValueError(f"one batch needs one sampling temperature, got {sorted(temps)}")
         temperature = temps.pop() or 1.0  # greedy log-probs are the plain softmax's
-        return cls.from_sequences(
+        batch = cls.from_sequences(
             [t.prompt_ids for t in trajectories],
             [t.response_ids for t in trajectories],
             [t.logprobs.tolist() for t in trajectories],
@@ -136,6 +140,15 @@ class Batch:
             temperature=temperature,
             pad_id=pad_id,
         )
+        masks = [episode_loss_mask(t) for t in trajectories]
+        if all(m is None for m in masks):
+            return batch
+        mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for r, (t, m) in enumerate(zip(trajectories, masks, strict=True)):
+            if m is None:  # a single-turn row beside episodes: its response is its turn
+                m = [False] * len(t.prompt_ids) + [True] * len(t.response_ids)
+            mask[r, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        return replace(batch, loss_mask=mask)
 
     @classmethod
     def from_episodes(

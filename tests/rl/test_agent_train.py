@@ -4,6 +4,7 @@ environment path is one line at start."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -52,6 +53,13 @@ def test_an_agent_run_trains_and_stores_its_episodes(tmp_path, monkeypatch, caps
         generated = np.flatnonzero(mask[len(t.prompt_ids) :])
         assert (t.logprobs[generated] != 0).all()  # pi_old on every generated token
         assert t.routing.shape[0] >= t.num_tokens - 1
+    # keeprl replay compares the generated turns only: the tool answers between them have no
+    # pi_old, and counting them would report a mismatch of many nats.
+    out = tmp_path / "replay.json"
+    assert cli(["replay", str(run), "--step", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["response_tokens"] == sum(sum(episode_loss_mask(t)) for t in step.trajectories)
+    assert report["variants"]["routing+mask"]["gap_max"] < 1e-4  # float32 native engine
     tracker = Tracker(run, experiment="keeprl")
     assert [s for s, _ in tracker.history("agent/turns")] == [0, 1]
     tracker.close()
