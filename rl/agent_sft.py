@@ -1,7 +1,8 @@
 """Supervised warm start for agent RL: teach a policy the tool-call format from the solutions
-that synthesized environments come with, before GRPO on the same environments.
+that synthesized environments come with (or their demonstrator's calls, when the environment
+has one), before GRPO on the same environments.
 
-`solution_sequence` renders one solved episode exactly as `rollout.episode.run_episodes` would
+`solution_sequence` renders one demonstrated episode exactly as `rollout.episode.run_episodes` would
 record it (the first prompt, each solution call as an assistant turn ending at EOS, each
 observation appended through the chat template), with the loss mask on the assistant turns;
 `train_agent_sft` trains on batches of such sequences from an environment or a family
@@ -23,9 +24,10 @@ from rollout.chat import ChatTemplate, TextChatTemplate, TextTokenizer
 def solution_sequence(
     spec: Any, seed: int, tok: TextTokenizer, template: ChatTemplate | None = None
 ) -> tuple[list[int], list[bool]]:
-    """(token ids, loss mask) of the episode that solves `spec`'s task from `seed`."""
+    """(token ids, loss mask) of the episode that solves `spec`'s task from `seed` (or that
+    its demonstrator plays, when `spec` has one)."""
     template = template or TextChatTemplate()
-    task, calls = spec.generate(seed)
+    task, calls = spec.demonstration(seed)
     env = spec.environment()
     env.tools_in_prompt = template.prompt_lists_tools
     ids = template.first(tok, env.reset(task), env.tool_schemas())

@@ -116,6 +116,7 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
         agent = {
             "environment": a.environment, "environments": a.environments,
             "chat_template": a.chat_template, "thinking": a.thinking, "list_tools": a.list_tools,
+            "demonstrator": repr(getattr(source, "demonstrate", None)),
         }  # fmt: skip
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "agent": agent}
         return warm_start(model, None, tok, config=w, settings=settings, stages=stages)

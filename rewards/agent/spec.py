@@ -10,7 +10,10 @@ ones (DeepSeek-V3.2's agent RL trained over many synthesized environments):
 - a state: a JSON-like dict made per task by `initial_state(task)`, which tools read and change;
 - a task generator: `make_task(rng) -> (task, solution)`, the solution the tool calls that
   solve it (so every generated task is known to be solvable);
-- a verifier: `verify(state, task) -> reward in [0, 1]`, judging the final state.
+- a verifier: `verify(state, task) -> reward in [0, 1]`, judging the final state;
+- optionally a demonstrator: `demonstrate(task, rng) -> calls`, what the agent warm start
+  (rl/agent_sft.py) imitates instead of the solution: a weaker behaviour policy than the
+  solver, so that RL has something left to learn beyond its warm start.
 
 `EnvSpec.environment()` gives a `SpecEnvironment`, which speaks the same protocol as the
 hand-written environments (reset / step / verify, never raising on bad input: arguments are
@@ -81,10 +84,20 @@ class EnvSpec:
     prompt: Callable[[dict], str]
     verify: Callable[[dict, dict], float]
     max_steps: int = 20
+    # The warm start's behaviour policy (None: the solution). Its repr enters the warm-start
+    # cache key, so give it one that names its settings (a frozen dataclass does).
+    demonstrate: Callable[[dict, random.Random], list[ToolCall]] | None = None
 
     def generate(self, seed: int) -> tuple[dict, list[ToolCall]]:
         """A task and the tool calls that solve it, from a seed."""
         return self.make_task(random.Random(seed))
+
+    def demonstration(self, seed: int) -> tuple[dict, list[ToolCall]]:
+        """A task (the one `generate(seed)` gives) and the calls the warm start imitates on it:
+        the demonstrator's, or the solution."""
+        rng = random.Random(seed)
+        task, solution = self.make_task(rng)
+        return task, solution if self.demonstrate is None else self.demonstrate(task, rng)
 
     def environment(self) -> SpecEnvironment:
         return SpecEnvironment(self)

@@ -4,6 +4,8 @@ runtime never raising on bad calls, and the reward adapter replaying a solved ep
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from rewards import Sample
@@ -156,3 +158,28 @@ def test_the_treasure_environment_needs_each_answer_for_the_next_call():
     assert "no 'purple' box" in env.step(ToolCall("open", {"box": "purple"}))[0]
     env.step(ToolCall("submit", {"gem": "glass"}))
     assert env.verify(env.state) == 0.0
+
+
+def test_the_treasure_warm_start_imitates_a_scout_that_reads_the_answer_half_the_time():
+    """treasure's demonstrator: the same task as generate(seed); well-formed calls that open
+    the named box in about half the demonstrations (the solution's calls then) and otherwise
+    another box, followed by a guessed gem."""
+    from rewards.agent.treasure import COLORS, GEMS, Scout
+    from rewards.agent.treasure import spec as treasure
+
+    read = 0
+    for seed in range(400):
+        task, calls = treasure.demonstration(seed)
+        solved, solution = treasure.generate(seed)
+        assert task == solved and [c.name for c in calls] == ["look", "open", "submit"]
+        box, gem = calls[1].arguments["box"], calls[2].arguments["gem"]
+        assert box in COLORS and gem in GEMS
+        if box == task["box"]:
+            read += 1
+            assert calls == solution
+    assert 160 <= read <= 240  # Binomial(400, 0.5): 8 standard deviations either side
+    assert "read_rate=0.5" in repr(treasure.demonstrate)  # it enters the warm-start cache key
+    # A scout that always reads the answer plays the solution.
+    task, calls = treasure.generate(3)
+    always = Scout(read_rate=1.0)
+    assert always(task, random.Random(0)) == calls

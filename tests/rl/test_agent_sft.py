@@ -63,3 +63,15 @@ def test_training_on_solutions_lowers_the_loss_on_the_assistant_turns():
         model, lookup_family, TOK, steps=30, batch_size=4, lr=3e-3, environments=8
     )
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])  # measured: 0.65
+
+
+def test_the_warm_start_renders_the_demonstrators_calls():
+    """An environment with a demonstrator is warm-started on the demonstrator's episodes."""
+    from rewards.agent.treasure import spec as treasure
+
+    for seed in range(20):
+        task, calls = treasure.demonstration(seed)
+        ids, mask = solution_sequence(treasure, seed, TOK, TextChatTemplate(list_tools=False))
+        text = TOK.decode(ids)
+        assert f'"box": "{calls[1].arguments["box"]}"' in text
+        assert f'"gem": "{calls[2].arguments["gem"]}"' in text
