@@ -92,6 +92,11 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="without --index, show the first N trajectories; 0 shows all (default: 8)",
     )
+    parser.add_argument(
+        "--eval",
+        metavar="SET",
+        help="show the held-out eval set SET's samples of the evaluation after --step updates",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write what is shown to this JSON file")
 
 
@@ -146,6 +151,32 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write the plans to this JSON file")
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        metavar="CHECKPOINT_OR_RUN",
+        help="a run directory, one of its checkpoints, or a policy directory",
+    )
+    parser.add_argument(
+        "--config", help="experiment YAML with eval sets (default: the run's own config)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for train"
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="of a run: the policy after N updates (0: the initial policy; default: the "
+        "newest checkpoint's)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="OUT",
+        help="the JSON report (default: RUN/eval/report_<N>.json, or ./keeprl-eval.json)",
+    )
+
+
 COMMANDS: dict[str, Command] = {
     "replay": Command(
         help="recompute a logged step's learner log-probs and report sampler/learner mismatch",
@@ -169,6 +200,12 @@ COMMANDS: dict[str, Command] = {
         help="run a GRPO experiment from a YAML config",
         add_arguments=_train_arguments,
         handler="rl.trainer",
+    ),
+    "eval": Command(
+        help="evaluate a policy on the config's held-out eval sets (pass@k, accuracy)",
+        add_arguments=_eval_arguments,
+        handler="rl.evaluation",
+        outputs=("json",),
     ),
     "plan": Command(
         help="estimate memory per GPU and step time of a config on N H100s or H200s",

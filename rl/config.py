@@ -24,6 +24,7 @@ from rollout.trajectory import Sampling
 
 # The learner's own settings are the YAML sections `algorithm` and `optim`: one definition,
 # documented and validated where the library uses it.
+from .evaluation import EvalConfig
 from .learner import AlgorithmConfig, OptimConfig
 
 
@@ -233,6 +234,7 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,22 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "ray.placement colocated takes turns on the same devices: rollout.max_staleness "
             f"must be 0, got {cfg.rollout.max_staleness}"
+        )
+    for s_ in cfg.eval.sets:
+        if s_.verifiers is not None:
+            try:
+                rewards.from_config(s_.verifiers)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"eval.sets[{s_.name}].verifiers: {e}") from None
+    if cfg.eval.sampling is not None and cfg.eval.sampling.seed is not None:
+        raise ConfigError(
+            "eval.sampling.seed: each eval set samples with a seed derived from trainer.seed "
+            "and its name; set trainer.seed instead"
+        )
+    if cfg.eval.sets and cfg.agent.environment:
+        raise ConfigError(
+            "eval.sets hold single-turn prompts; agent runs (agent.environment) have no "
+            "held-out evaluation yet: remove the eval section"
         )
     if cfg.agent.step_timeout_s <= 0:
         raise ConfigError(f"agent.step_timeout_s must be > 0, got {cfg.agent.step_timeout_s}")
@@ -343,6 +361,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (dict, list):
         if not isinstance(value, origin):
             raise ConfigError(f"{path}: expected a {origin.__name__}, got {value!r}")
+        if origin is list and args and dataclasses.is_dataclass(args[0]):  # eval.sets
+            return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
         return value
     if origin is tuple:  # optim.betas: [0.9, 0.95]; rollout.sampling.stop_token_ids: [2, 7]
         if len(args) == 2 and args[1] is Ellipsis:

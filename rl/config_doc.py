@@ -47,10 +47,21 @@ def _meaning(cls: type, name: str) -> str:
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is dataclasses.MISSING:
+        return _REQUIRED
+    return f.default_factory()
+
+
+class _Required:
+    """The default of a field that has none (an eval set's name)."""
+
+
+_REQUIRED = _Required()
 
 
 def _shown(value: Any) -> str:
+    if value is _REQUIRED:
+        return "(required)"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -66,10 +77,14 @@ def rows(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str,
     out = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.extend(rows(hints[f.name], key + "."))
-        else:
-            out.append((key, _shown(_default(f)), _meaning(cls, f.name)))
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(rows(tp, key + "."))
+            continue
+        out.append((key, _shown(_default(f)), _meaning(cls, f.name)))
+        [item] = typing.get_args(tp) if typing.get_origin(tp) is list else [None]
+        if dataclasses.is_dataclass(item):  # a list of sections (eval.sets): each entry's keys
+            out.extend(rows(item, key + "[]."))
     return out
 
 

@@ -53,9 +53,12 @@ def run_tokenizer(step_file: Path) -> Tokenizer:
         raise InspectError(f"{run.config}: cannot build the run's tokenizer: {e}") from None
 
 
-def load_step(source: str | Path, step: int | None) -> tuple[Path, StepRollouts]:
+def load_step(
+    source: str | Path, step: int | None, eval_set: str | None = None
+) -> tuple[Path, StepRollouts]:
     """The stored step `step` of a run directory (or of its `rollouts/` directory), or the
-    content of a single step file (then `step`, when given, must match it).
+    content of a single step file (then `step`, when given, must match it). With `eval_set`,
+    the samples of that held-out set's evaluation after `step` updates (rl/evaluation.py).
 
     Returns the file read and its content. Raises InspectError for a missing source or step
     and RolloutFileError (rollout.store) for a damaged file. Nothing is created on disk.
@@ -70,6 +73,11 @@ def load_step(source: str | Path, step: int | None) -> tuple[Path, StepRollouts]
         raise InspectError(f"{path}: no such run directory or step file")
     # RolloutStore() creates its directory: look before constructing one.
     directory = RunDir(path).rollouts if RunDir(path).rollouts.is_dir() else path
+    if eval_set is not None:
+        directory = RunDir(path).eval / eval_set
+        if not directory.is_dir():
+            sets = sorted(p.name for p in RunDir(path).eval.glob("*/"))
+            raise InspectError(f"{path}: no eval set {eval_set!r}; evaluated: {sets or 'none'}")
     store = RolloutStore(directory)
     steps = store.steps()
     if not steps:
@@ -193,11 +201,12 @@ def inspect_step(
     *,
     index: int | None = None,
     limit: int | None = None,
+    eval_set: str | None = None,
 ) -> dict[str, Any]:
     """The report of one logged step: trajectory `index`, or the first `limit` (None:
-    DEFAULT_LIMIT, 0: all)."""
+    DEFAULT_LIMIT, 0: all); with `eval_set`, of that set's evaluation after `step` updates."""
     limit = DEFAULT_LIMIT if limit is None else limit
-    path, logged = load_step(source, step)
+    path, logged = load_step(source, step, eval_set)
     total = len(logged.trajectories)
     if index is not None:
         if not 0 <= index < total:
@@ -286,7 +295,9 @@ def format_report(report: dict[str, Any]) -> str:
 def main(args: Any) -> int:
     """The `keeprl inspect RUN_DIR_OR_PARQUET [--step N] [--index I] [--json OUT]` handler."""
     try:
-        report = inspect_step(args.source, args.step, index=args.index, limit=args.limit)
+        report = inspect_step(
+            args.source, args.step, index=args.index, limit=args.limit, eval_set=args.eval
+        )
     except (InspectError, RolloutFileError, OSError) as e:
         print(f"keeprl inspect: {e}", file=sys.stderr)
         return 2

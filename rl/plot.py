@@ -15,6 +15,7 @@ needs a display nor changes the backend of a process that uses matplotlib itself
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from .run_dir import RunDir
 from .tracking import local_store_uri, read_pending_rows
 
 DEFAULT_METRICS = ("reward_mean", "accuracy", "kl")  # those a run logged; kl needs a KL term
+# and the held-out evaluations' (rl/evaluation.py), drawn at the steps they were taken
+EVAL_HEADLINE = re.compile(r"eval/[^/]+/(greedy/accuracy|sampled/pass_at_\d+)")
 
 History = Callable[[str], list[tuple[int, float]]]  # metric key -> [(step, value)]
 
@@ -69,7 +72,10 @@ def read_pending(run_dir: str | Path) -> dict[int, dict[str, float]]:
     """step -> metrics of `<run>/metrics.pending.jsonl`; a later line for a step wins (a
     resumed run logs the steps it reruns again)."""
     rows = read_pending_rows(RunDir(run_dir).pending_metrics)
-    return {int(r["step"]): r["metrics"] for r in rows}
+    out: dict[int, dict[str, float]] = {}
+    for r in rows:  # an evaluation's row is drawn at its own step ("at"), merged with others
+        out.setdefault(int(r.get("at", r["step"])), {}).update(r["metrics"])
+    return out
 
 
 def read_metrics(
@@ -109,7 +115,12 @@ def plot_run(
     (default `<run>/curves.png`) and return its path. A named metric the run never logged is a
     PlotError that lists those it did."""
     run = Path(run_dir)
-    series = read_metrics(run, metrics or DEFAULT_METRICS, history=history)
+    if metrics:
+        series = read_metrics(run, metrics, history=history)
+    else:  # the defaults, and each eval set's headline: accuracy of greedy, pass@k sampled
+        logged = read_metrics(run, history=history)
+        keys = [*DEFAULT_METRICS, *(k for k in logged if EVAL_HEADLINE.fullmatch(k))]
+        series = {k: logged[k] for k in keys if k in logged}
     missing = [k for k in metrics or () if k not in series]
     if missing or not series:
         logged = sorted(read_metrics(run, history=history))

@@ -55,6 +55,12 @@ class RunDir:
         return self.path / "rollouts"
 
     @property
+    def eval(self) -> Path:
+        """Held-out evaluation samples (rl/evaluation.py): eval/<set>/step_<N>.parquet, N the
+        number of updates of the evaluated policy."""
+        return self.path / "eval"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

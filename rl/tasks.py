@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,8 @@ def load_file(path: str | Path) -> list[Task]:
 
 
 class TaskStream:
-    """Prompts in a reproducible order; `position` is how many were handed out."""
+    """Prompts in a reproducible order; `position` is how many were handed out. Prompts in
+    `exclude` (the eval sets', rl.evaluation.held_out_prompts) are never handed out."""
 
     def __init__(
         self,
@@ -85,15 +86,29 @@ class TaskStream:
         seed: int,
         task_kwargs: dict[str, Any] | None = None,
         position: int = 0,
+        exclude: Collection[str] = frozenset(),
     ) -> None:
         if task is not None:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; built-in tasks: {sorted(TASKS)}")
-            self._source: Callable[[], Iterator[Task]] = lambda: TASKS[task](
-                seed, **(task_kwargs or {})
-            )
+
+            def generated() -> Iterator[Task]:
+                skipped = 0
+                for t in TASKS[task](seed, **(task_kwargs or {})):
+                    if t.prompt not in exclude:
+                        skipped = 0
+                        yield t
+                    elif (skipped := skipped + 1) > 100_000:
+                        raise ValueError(
+                            f"task {task!r} with {task_kwargs or {}}: every prompt drawn is "
+                            "in an eval set; shrink the eval sets or widen the task"
+                        )
+
+            self._source: Callable[[], Iterator[Task]] = generated
         else:
-            items = load_file(path)
+            items = [t for t in load_file(path) if t.prompt not in exclude]
+            if not items:
+                raise ValueError(f"{path}: every prompt is in an eval set; none is left to train")
 
             def cycle() -> Iterator[Task]:
                 rng = random.Random(seed)

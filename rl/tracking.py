@@ -98,10 +98,14 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Record a finished step (pending until commit)."""
+    def log_step(self, step: int, metrics: dict[str, float], at: int | None = None) -> None:
+        """Record a finished step (pending until commit). `at`: the MLflow step to log the
+        metrics at, when it is not `step` (a held-out evaluation of the policy after step
+        `step`, i.e. after step + 1 updates); the row is committed and resumed with `step`."""
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-        row = {"step": step, "time": int(time.time() * 1000), "metrics": clean}
+        row: dict[str, Any] = {"step": step, "time": int(time.time() * 1000), "metrics": clean}
+        if at is not None:
+            row["at"] = at
         with open(self.pending, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -123,14 +127,16 @@ class Tracker:
         pending = self._pending()
         rows = [r for r in pending if done < r["step"] <= step]
         metrics = [
-            Metric(k, v, r.get("time", 0), r["step"]) for r in rows for k, v in r["metrics"].items()
+            Metric(k, v, r.get("time", 0), r.get("at", r["step"]))
+            for r in rows
+            for k, v in r["metrics"].items()
         ]
         if self.sending_file.exists():
             held = {
                 (key, m.step)
                 for key in {m.key for m in metrics}
                 for m in self.client.get_metric_history(self.run_id, key)
-                if done < m.step <= step
+                if done < m.step <= step + 1  # an evaluation is logged one step on
             }
             metrics = [m for m in metrics if (m.key, m.step) not in held]
         _atomic_write(self.sending_file, str(step))
@@ -171,7 +177,7 @@ class Tracker:
             Metric(key, m.value, m.timestamp, m.step)
             for key in old.data.metrics
             for m in self.client.get_metric_history(self.run_id, key)
-            if m.step <= step
+            if m.step <= step + key.startswith("eval/")  # evaluations sit one step on
         ]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(new_id, metrics=metrics[i : i + 1000])

@@ -31,6 +31,14 @@ from rollout.store import RolloutStore
 from . import checkpoint as ckpt
 from .batch import Batch
 from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
+from .evaluation import (
+    Evaluator,
+    flat_metrics,
+    held_out_prompts,
+    reward_stats,
+    store_results,
+    summary_table,
+)
 from .faults import crash_point, mark_process_group
 from .learner import Learner, LearnerConfig
 from .placement import Placement, reserve
@@ -111,7 +119,7 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
             )  # fmt: skip
             return {"agent_sft": {"lm": lm}}
 
-        # What the solutions and their rendering depend on (not the budgets of the RL loop).
+        # What the demonstrations and their rendering depend on (not the RL loop's budgets).
         a = cfg.agent
         agent = {
             "environment": a.environment, "environments": a.environments,
@@ -121,12 +129,16 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "agent": agent}
         return warm_start(model, None, tok, config=w, settings=settings, stages=stages)
     if w.enabled:
+        held_out = held_out_prompts(cfg.eval)  # the warm start never sees an eval prompt
         stream = TaskStream(
-            cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs
-        )
+            cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs,
+            exclude=held_out,
+        )  # fmt: skip
         # warm_start() adds the stage settings (w) to the cache key itself.
         data = dataclasses.asdict(cfg.data)
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "data": data}
+        if held_out:  # (a run without eval sets keeps its earlier cache key)
+            settings["held_out"] = hashlib.sha256("\n".join(sorted(held_out)).encode()).hexdigest()
         return warm_start(model, stream, tok, config=w, settings=settings)
     path = RunDir(run).initial_policy
     if not (path / "config.json").exists():
@@ -156,28 +168,6 @@ def agent_template(cfg: ExperimentConfig, tok: Tokenizer) -> Any:
 def _seed(cfg: ExperimentConfig, step: int) -> int:
     digest = hashlib.sha256(f"{cfg.trainer.seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def _reward_stats(scores: list[dict], lengths: list[int], labels: list[str]) -> dict[str, float]:
-    """Step metrics of the scores. Accuracy is per verifier: `accuracy/<label>` is the
-    fraction of the samples that verifier applied to where its own reward reached 1.0;
-    `accuracy` is the first verifier's (a weighted second verifier no longer pulls it to 0)."""
-    rewards = [s["reward"] for s in scores]
-    out = {
-        "reward_mean": sum(rewards) / len(rewards),
-        "response_length": sum(lengths) / len(lengths),
-        "verifier_failures": sum(s["failure"] is not None for s in scores) / len(scores),
-    }
-    for label in labels:
-        own = [s["subscores"][label] for s in scores if s["subscores"].get(label) is not None]
-        out[f"accuracy/{label}"] = sum(r >= 1.0 for r in own) / len(own) if own else 0.0
-    out["accuracy"] = out[f"accuracy/{labels[0]}"]
-    keys = {k for s in scores for k in s["subscores"]}
-    for k in sorted(keys):
-        vals = [s["subscores"][k] for s in scores if s["subscores"].get(k) is not None]
-        if vals:
-            out[f"reward/{k}"] = sum(vals) / len(vals)
-    return out
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -261,7 +251,22 @@ def _train(
             cfg.data.seed,
             cfg.data.task_kwargs,
             position=state.data_position,
+            exclude=held_out_prompts(cfg.eval),
         )
+        evaluator = Evaluator(cfg, tok, scorer) if cfg.eval.sets else None
+        eval_store = RunDir(run).eval
+        for directory in eval_store.glob("*/") if eval_store.is_dir() else ():
+            # evaluations of policies after the resumed checkpoint's run again
+            RolloutStore(directory).discard_after(state.step + 1)
+
+        def evaluate(updates: int, commit_step: int) -> None:
+            results = evaluator.run(pool, updates)
+            store_results(eval_store, updates, results)
+            tracker.log_step(commit_step, flat_metrics(results), at=updates)
+            print(summary_table(updates, results), flush=True)
+
+        if evaluator is not None and state.step < 0:  # the policy the run starts from
+            evaluate(0, 0)
         agent_source, template = None, None
         if cfg.agent.environment:
             from rewards.agent.spec import load_env
@@ -275,6 +280,8 @@ def _train(
             tracker.log_step(r.step, metrics)
             crash_point("metrics_pending", r.step)
             _progress(r.step, cfg.trainer.total_steps, metrics)
+            if evaluator is not None and cfg.eval.due(r.step + 1, cfg.trainer.total_steps):
+                evaluate(r.step + 1, r.step)  # the workers hold the weights after r.step
             if (r.step + 1) % cfg.checkpoint.every == 0 or r.step + 1 == cfg.trainer.total_steps:
                 run_state = ckpt.RunState(r.step, r.data_position, r.step + 1, {})
                 _checkpoint(learner, run, run_state, cfg.checkpoint.keep_last)
@@ -605,7 +612,7 @@ def _finish(
     lengths = [len(t.response_ids) for t in r.trajs]
     return {
         **metrics,
-        **_reward_stats(r.scores, lengths, ["agent"] if cfg.agent.environment else scorer.labels),
+        **reward_stats(r.scores, lengths, ["agent"] if cfg.agent.environment else scorer.labels),
         **r.extra_metrics,
         "rollout_tokens_per_s": generated / r.rollout_s,
         "weight_version": r.step + 1,

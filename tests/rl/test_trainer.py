@@ -251,7 +251,8 @@ def test_vllm_run_replays_with_a_small_gap(tmp_path, monkeypatch):
 
 
 def test_accuracy_is_per_verifier_and_failures_show_in_the_progress_line(capsys):
-    from rl.trainer import _progress, _reward_stats
+    from rl.evaluation import reward_stats as _reward_stats
+    from rl.trainer import _progress
 
     # math (weight 1) and a concise-answer check (weight 0.2): a right answer that is not
     # concise has combined reward 1/1.2 < 1, which used to count as wrong.
