@@ -6,7 +6,9 @@ Reference forms:
   `assert` in check's body is one test case, so the reward can be a fraction; asserts
   inside loops or helpers belong to the statement that holds them, and if check has no
   top-level assert the whole call is one case. A test source without `check` is taken as
-  module-level asserts (MBPP style), one case each.
+  module-level asserts (MBPP style), one case each. An optional "prefix" is put before a
+  response that does not define the entry point itself (HumanEval's completion form: the
+  prompt is the function's signature and docstring, the response its body).
 - {"io": [{"input": "<stdin>", "output": "<expected stdout>"}, ...]}: the response is a
   program; each case runs it afresh and compares stdout line by line.
 The response may be bare code or contain fenced blocks: the last python block that defines
@@ -45,11 +47,16 @@ def extract_code(response: str, entry_point: str | None = None) -> str:
     if not python:
         return response
     if entry_point:
-        defines = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
-        with_entry = [body for body in python if defines.search(body)]
+        with_entry = [body for body in python if _defines(body, entry_point)]
         if with_entry:
             return with_entry[-1]
     return python[-1]
+
+
+def _defines(code: str, entry_point: str) -> bool:
+    """Whether `code` defines the function `entry_point` (at any indentation)."""
+    pattern = rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\("
+    return re.search(pattern, code, re.M) is not None
 
 
 def _record_call(index: int, passed: bool) -> ast.stmt:
@@ -116,6 +123,9 @@ def verify_code(
     """Run the response's code against reference tests; reward = fraction of cases passed."""
     entry = sample.reference.get("entry_point")
     code = extract_code(sample.response, entry)
+    prefix = sample.reference.get("prefix")
+    if prefix and entry and not _defines(code, entry):
+        code = prefix + code
     built = _job(sample, code)
     if built is None:
         return None  # not a code task

@@ -339,6 +339,11 @@ def _resolve(args: Any) -> tuple[Any, Path, int, Path | None]:
         raise ConfigError(f"{source} is not a run directory; give the experiment's --config")
     if not cfg.eval.sets:
         raise ConfigError("the config has no eval.sets to evaluate (see docs/eval.md)")
+    for s in cfg.eval.sets:  # a missing file or an unknown task: one line, before Ray starts
+        try:
+            eval_tasks(s)
+        except (OSError, TypeError, ValueError) as e:
+            raise ConfigError(f"eval.sets[{s.name}]: {e}") from None
     if not is_run:
         if args.step is not None:
             raise ConfigError("--step picks a checkpoint of a run directory; give the run")

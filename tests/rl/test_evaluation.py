@@ -149,7 +149,7 @@ def test_one_sets_metrics_greedy_and_sampled():
 
 
 def test_the_eval_sections_checks_are_one_line():
-    base = ["eval.sets=[{name: h, task: arithmetic}]"]
+    base = ["eval.sets=[{name: h, task: arithmetic}]", "eval.every=0", "eval.samples=0"]
     with pytest.raises(ConfigError, match=r"unknown config key 'eval.sets\[0\].tsk'"):
         load_config(QUICKSTART, ["eval.sets=[{name: h, tsk: arithmetic}]"])
     with pytest.raises(ConfigError, match="pass_k"):
@@ -164,8 +164,34 @@ def test_the_eval_sections_checks_are_one_line():
         load_config(
             QUICKSTART, ["eval.sets=[{name: h, task: arithmetic, verifiers: [{name: nope}]}]"]
         )
-    cfg = load_config(QUICKSTART, [*base, "eval.every=20"])
+    cfg = load_config(QUICKSTART, [*base[:1], "eval.every=20"])
     assert [n for n in range(61) if cfg.eval.due(n, 60)] == [0, 20, 40, 60]
     cfg = load_config(QUICKSTART, base)
     assert [n for n in range(61) if cfg.eval.due(n, 60)] == [0, 60]
-    assert not load_config(QUICKSTART).eval.due(0, 60)  # no sets: never
+    assert not load_config(QUICKSTART, ["eval.sets=[]"]).eval.due(0, 60)  # no sets: never
+
+
+def test_keeprl_eval_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    from rl.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    policy = tmp_path / "weights"
+    policy.mkdir()
+    (tmp_path / "empty").mkdir()
+    (policy / "config.json").write_text("{}")
+    root = __file__.rsplit("/tests/", 1)[0]
+    quickstart = f"{root}/{QUICKSTART}"
+    cases = [
+        ([str(policy)], "not a run directory; give the experiment's --config"),
+        ([str(policy), "eval.sets=[]", "--config", quickstart], "no eval.sets"),
+        (
+            [str(policy), "eval.sets=[{name: f, path: nope.jsonl}]", "--config", quickstart],
+            "eval.sets[f]",
+        ),
+        ([str(tmp_path / "empty"), "--config", quickstart], "neither a run, a checkpoint nor a"),
+        ([str(policy), "--config", quickstart, "--step", "3"], "--step picks a checkpoint"),
+    ]
+    for args, message in cases:
+        assert cli(["eval", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
