@@ -142,9 +142,12 @@ def _draw(series: dict[str, list[tuple[int, float]]], path: Path, title: str) ->
     for ax, (key, points) in zip(axes, series.items(), strict=True):
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o" if len(points) <= 30 else None, markersize=3)
-        ax.set_ylabel(key)
+        if len(key) > 16:  # eval/<set>/<mode>/<metric> would overrun the panel as a y label
+            ax.set_title(key, loc="left", fontsize=9)
+        else:
+            ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].set_title(title)
+    fig.suptitle(title)
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     # Written next to the target and renamed, so a reader never sees half a PNG.
