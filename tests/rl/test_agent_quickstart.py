@@ -1,0 +1,63 @@
+"""The agent quickstart learns: configs/agent-quickstart.yaml as the README runs it (multi-turn
+tool-use episodes on `treasure` with vLLM rollout workers in Ray actors, all four
+stabilizers, 40 steps, fixed seed), from a fresh agent warm start on the Scout's episodes.
+
+Slow (about 20 minutes on 2 CPU cores): `pytest -m slow tests/rl/test_agent_quickstart.py`.
+Measured when the test was written: mean reward 0.57 over the first 10 steps, 0.65 over the
+last 10 (a least-squares trend of +0.096 over the run, standard error 0.037); the share of
+episodes that open the box the look answer names, what GRPO has to learn here, 0.51 -> 0.67.
+The margins asserted are about half of those gains (0.04 on the reward trend, 0.08 on the
+reading share), so a run that learns at all passes and one that does not fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from rl.cli import main as cli  # noqa: E402
+from rl.plot import read_metrics  # noqa: E402
+from rl.tokenizer import CharTokenizer  # noqa: E402
+from rollout.store import RolloutStore  # noqa: E402
+
+TREND_MARGIN = 0.04
+READING_MARGIN = 0.08
+LOOK = re.compile(r"The treasure is in the (\w+) box")
+OPEN = re.compile(r'"name": "open", "arguments": \{"box": "(\w+)"')
+
+
+def reading_share(store: RolloutStore, steps: list[int]) -> float:
+    """The share of the steps' episodes whose first open call names the box the look answer
+    named."""
+    tok, read, total = CharTokenizer(), 0, 0
+    for step in steps:
+        for t in store.read_step(step).trajectories:
+            text = tok.decode([*t.prompt_ids, *t.response_ids])
+            look, opened = LOOK.search(text), OPEN.search(text)
+            read += bool(look and opened and look.group(1) == opened.group(1))
+            total += 1
+    return read / total
+
+
+@pytest.mark.slow
+def test_agent_quickstart_reward_rises(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    run = tmp_path / "run"
+    overrides = [f"trainer.output_dir={run}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    assert cli(["train", "configs/agent-quickstart.yaml", *overrides]) == 0
+    rewards = np.array([v for _, v in read_metrics(run, ["reward_mean"])["reward_mean"]])
+    assert len(rewards) == 40
+    trend = np.polyfit(np.arange(40), rewards, 1)[0] * 40
+    store = RolloutStore(run / "rollouts")
+    first, last = reading_share(store, list(range(10))), reading_share(store, list(range(30, 40)))
+    print(
+        f"\nagent quickstart: mean reward {rewards[:10].mean():.3f} -> {rewards[-10:].mean():.3f}"
+        f" (trend {trend:+.3f}); reading share {first:.3f} -> {last:.3f}"
+    )
+    assert trend > TREND_MARGIN
+    assert last > first + READING_MARGIN
