@@ -252,6 +252,8 @@ class Evaluator:
                 service = RewardService(dataclasses.replace(cfg.rewards, verifiers=s.verifiers))
             self.sets.append((s, eval_tasks(s), service))
         self.sampling = eval_sampling(cfg, tok.eos_id)
+        mode = "greedy" if cfg.eval.greedy else "sampled"
+        self.headline = f"eval/{cfg.eval.sets[0].name}/{mode}/accuracy"  # one metric it logs
 
     def run(self, pool: Any, step: int) -> dict[str, SetResult]:
         """Evaluate the weights the pool holds (the policy after `step` updates)."""

@@ -100,8 +100,8 @@ class Tracker:
 
     def log_step(self, step: int, metrics: dict[str, float], at: int | None = None) -> None:
         """Record a finished step (pending until commit). `at`: the MLflow step to log the
-        metrics at, when it is not `step` (a held-out evaluation of the policy after step
-        `step`, i.e. after step + 1 updates); the row is committed and resumed with `step`."""
+        metrics at, when it is not `step` (the held-out evaluation after a run's last step,
+        at total_steps updates); the row is committed and resumed with `step`."""
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         row: dict[str, Any] = {"step": step, "time": int(time.time() * 1000), "metrics": clean}
         if at is not None:
@@ -136,7 +136,7 @@ class Tracker:
                 (key, m.step)
                 for key in {m.key for m in metrics}
                 for m in self.client.get_metric_history(self.run_id, key)
-                if done < m.step <= step + 1  # an evaluation is logged one step on
+                if done < m.step <= step + 1  # the last evaluation is logged one step on
             }
             metrics = [m for m in metrics if (m.key, m.step) not in held]
         _atomic_write(self.sending_file, str(step))
@@ -177,7 +177,7 @@ class Tracker:
             Metric(key, m.value, m.timestamp, m.step)
             for key in old.data.metrics
             for m in self.client.get_metric_history(self.run_id, key)
-            if m.step <= step + key.startswith("eval/")  # evaluations sit one step on
+            if m.step <= step
         ]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(new_id, metrics=metrics[i : i + 1000])

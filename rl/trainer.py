@@ -265,8 +265,27 @@ def _train(
             tracker.log_step(commit_step, flat_metrics(results), at=updates)
             print(summary_table(updates, results), flush=True)
 
+        # The evaluation of the policy after N updates belongs to step N's record (committed
+        # with its checkpoint, redone on a resume before it); the last one, after total_steps
+        # updates, to the last step's. Before the last, it waits until the learner has step N
+        # queued and runs on the workers while the learner trains; with colocated placement
+        # (the devices are the learner's then) it runs at once.
+        deferred: list[int] = []
+        overlap = not placement.colocated
+        first, total = state.step + 1, cfg.trainer.total_steps
         if evaluator is not None and state.step < 0:  # the policy the run starts from
             evaluate(0, 0)
+        elif (
+            evaluator is not None
+            and first < total
+            and cfg.eval.due(first, total)
+            # a run extended past its old last step has that evaluation in MLflow already
+            and first not in dict(tracker.history(evaluator.headline))
+        ):
+            if overlap:
+                deferred.append(first)
+            else:
+                evaluate(first, first)
         agent_source, template = None, None
         if cfg.agent.environment:
             from rewards.agent.spec import load_env
@@ -280,8 +299,14 @@ def _train(
             tracker.log_step(r.step, metrics)
             crash_point("metrics_pending", r.step)
             _progress(r.step, cfg.trainer.total_steps, metrics)
-            if evaluator is not None and cfg.eval.due(r.step + 1, cfg.trainer.total_steps):
-                evaluate(r.step + 1, r.step)  # the workers hold the weights after r.step
+            updates = r.step + 1  # the workers hold the weights after r.step
+            if evaluator is not None and cfg.eval.due(updates, total):
+                if updates == total:
+                    evaluate(updates, r.step)
+                elif overlap:
+                    deferred.append(updates)
+                else:
+                    evaluate(updates, updates)
             if (r.step + 1) % cfg.checkpoint.every == 0 or r.step + 1 == cfg.trainer.total_steps:
                 run_state = ckpt.RunState(r.step, r.data_position, r.step + 1, {})
                 _checkpoint(learner, run, run_state, cfg.checkpoint.keep_last)
@@ -305,6 +330,8 @@ def _train(
             if in_flight is not None:
                 done(in_flight)
             in_flight = _submit(cfg, learner, r)
+            if deferred:  # the workers still hold its weights: the next push is done(step)
+                evaluate(deferred.pop(), step)
         if in_flight is not None:
             done(in_flight)
         tracker.log_artifact(RunDir(run).config)

@@ -78,6 +78,15 @@ def test_a_run_evaluates_its_held_out_set_and_keeprl_eval_agrees(
         tracker.close()
     assert "heldout  greedy" in capsys.readouterr().out
 
+    # Extending the run by a step: its old last evaluation is not repeated, the new one added.
+    args = [*small_run(run, tmp_path / "cache", 3), *evals, "--resume"]
+    assert cli(["train", CONFIG, *args]) == 0
+    assert store.steps() == [0, 1, 2, 3]
+    tracker = Tracker(run)
+    points = tracker.client.get_metric_history(tracker.run_id, "eval/heldout/greedy/accuracy")
+    tracker.close()
+    assert sorted(m.step for m in points) == [0, 1, 2, 3]  # each once
+
     # keeprl inspect shows the eval samples; keeprl plot draws the eval curves.
     assert cli(["inspect", str(run), "--eval", "heldout", "--step", "2", "--limit", "1"]) == 0
     assert "reference" in capsys.readouterr().out

@@ -95,34 +95,35 @@ def test_a_crash_inside_a_send_duplicates_nothing(tmp_path):
     t.close()
 
 
-def test_an_evaluation_is_logged_one_step_on_and_committed_with_the_step_before(tmp_path):
-    """Evaluations of the policy after N updates sit at MLflow step N, but belong to the
-    record of step N - 1: committed with its checkpoint, dropped and redone with it."""
+def test_evaluations_are_committed_and_resumed_with_their_steps_record(tmp_path):
+    """The evaluation after N updates goes with step N's record; the last one (after
+    total_steps = 3 updates) with the last step's, logged at MLflow step 3."""
     from rl.plot import read_metrics
 
     key = "eval/h/greedy/accuracy"
     t = Tracker(tmp_path, experiment="t")
-    t.log_step(0, {key: 0.1}, at=0)  # before the first step
     for step in range(3):
+        t.log_step(step, {key: (1 + step) / 10})  # evaluated at 0, 1, 2 updates
         t.log_step(step, {"reward": step / 10})
-        t.log_step(step, {key: (2 + step) / 10}, at=step + 1)
+    t.log_step(2, {key: 0.4}, at=3)  # after the last step
     t.commit(1)
-    assert t.history(key) == [(0, 0.1), (1, 0.2), (2, 0.3)]
-    # Pending rows are drawn at their own step too, merged with the step's other metrics.
+    assert t.history(key) == [(0, 0.1), (1, 0.2)]
+    # Pending rows are drawn at their own step, merged with the step's other metrics.
     assert read_metrics(tmp_path, [key, "reward"], history=t.history) == {
         key: [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4)],
         "reward": [(0, 0.0), (1, 0.1), (2, 0.2)],
     }
     t.close()
     t = Tracker(tmp_path, experiment="t")
-    t.resume(1)  # step 2 and its evaluation (at 3) run again
+    t.resume(1)  # step 2 runs again, with its evaluation and the last one
+    t.log_step(2, {key: 0.35})
     t.log_step(2, {"reward": 0.25})
     t.log_step(2, {key: 0.45}, at=3)
     t.commit(2)
-    assert t.history(key) == [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.45)]
+    assert t.history(key) == [(0, 0.1), (1, 0.2), (2, 0.35), (3, 0.45)]
     t.close()
-    # A fall back past committed steps keeps the evaluation after the checkpoint's step.
+    # Falling back past committed steps keeps the evaluations of the steps kept.
     t = Tracker(tmp_path, experiment="t")
     t.resume(1)
-    assert t.history(key) == [(0, 0.1), (1, 0.2), (2, 0.3)]
+    assert t.history(key) == [(0, 0.1), (1, 0.2)]
     t.close()
