@@ -110,13 +110,17 @@ class LearnerWorker:
         state: dict | None = None,
     ) -> None:
         """Join the group, load and shard the policy, restore the learner's state (a
-        checkpoint's, written by any number of ranks) if given."""
+        checkpoint's, written by any number of ranks) if given. `address`: host:port of rank
+        0's rendezvous, or "env://" under torchrun (its MASTER_ADDR / MASTER_PORT); `device`
+        "cuda" is the one GPU Ray shows the actor (cuda:0), "cuda:K" a given one (torchrun's
+        LOCAL_RANK)."""
         if device.startswith("cuda"):
-            torch.cuda.set_device(0)  # Ray shows each GPU actor its own device as cuda:0
-            device = "cuda:0"
+            index = int(device.partition(":")[2] or 0)
+            torch.cuda.set_device(index)
+            device = f"cuda:{index}"
         dist.init_process_group(
             "nccl" if device.startswith("cuda") else "gloo",
-            init_method=f"tcp://{address}",
+            init_method=address if address == "env://" else f"tcp://{address}",
             rank=self.rank,
             world_size=self.world,
             timeout=datetime.timedelta(minutes=10),
