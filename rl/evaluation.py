@@ -125,8 +125,20 @@ def eval_tasks(s: EvalSetConfig) -> list[Task]:
 
 
 def held_out_prompts(cfg: EvalConfig) -> frozenset[str]:
-    """Every eval set's prompts: the training stream and the warm start skip them."""
-    return frozenset(t.prompt for s in cfg.sets for t in eval_tasks(s))
+    """Every eval set's prompts: the training stream and the warm start skip them. A set that
+    cannot be read (a missing file, an unknown task argument, a task space smaller than the
+    set) is a ConfigError naming it."""
+    from .config import ConfigError
+
+    prompts: set[str] = set()
+    for s in cfg.sets:
+        try:
+            prompts |= {t.prompt for t in eval_tasks(s)}
+        except FileNotFoundError:
+            raise ConfigError(f"eval.sets[{s.name}].path: {s.path}: no such file") from None
+        except (OSError, TypeError, ValueError) as e:
+            raise ConfigError(f"eval.sets[{s.name}]: {e}") from None
+    return frozenset(prompts)
 
 
 def eval_seed(trainer_seed: int, name: str) -> int:
@@ -322,30 +334,19 @@ def _resolve(args: Any) -> tuple[Any, Path, int, Path | None]:
     """(config, policy directory, its weight version, the run directory or None) of `keeprl
     eval`'s source: a run directory (--step N, default its newest checkpoint), a checkpoint
     directory or a policy directory (save_pretrained)."""
-    import yaml
-
     from . import checkpoint as ckpt
-    from .config import ConfigError, ExperimentConfig, build, load_config
+    from .config import ConfigError, load_config
 
     source = Path(args.source)
     run = RunDir(source)
     is_run = run.config.is_file()
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    elif is_run:
-        from .config import apply_overrides
-
-        data = apply_overrides(yaml.safe_load(run.config.read_text()), args.overrides)
-        cfg = build(ExperimentConfig, data)
+    if args.config or is_run:  # (load_config reports a damaged YAML file in one line)
+        cfg = load_config(args.config or run.config, args.overrides)
     else:
         raise ConfigError(f"{source} is not a run directory; give the experiment's --config")
     if not cfg.eval.sets:
         raise ConfigError("the config has no eval.sets to evaluate (see docs/eval.md)")
-    for s in cfg.eval.sets:  # a missing file or an unknown task: one line, before Ray starts
-        try:
-            eval_tasks(s)
-        except (OSError, TypeError, ValueError) as e:
-            raise ConfigError(f"eval.sets[{s.name}]: {e}") from None
+    held_out_prompts(cfg.eval)  # a set that cannot be read: one line, before Ray starts
     if not is_run:
         if args.step is not None:
             raise ConfigError("--step picks a checkpoint of a run directory; give the run")

@@ -21,7 +21,7 @@ from policy.attention import triton_supported
 from policy.checkpoint import weight_files
 
 from .config import ConfigError, ExperimentConfig, to_dict
-from .evaluation import eval_tasks
+from .evaluation import held_out_prompts
 from .learner import LearnerConfig
 from .tasks import TaskStream
 from .tokenizer import load_tokenizer
@@ -39,14 +39,7 @@ def learner_config(cfg: ExperimentConfig) -> LearnerConfig:
 def preflight(cfg: ExperimentConfig) -> None:
     """Config problems that need more than the config itself (the data, the model, the
     learner's settings), found before anything is written or started: ConfigError."""
-    held_out: frozenset[str] = frozenset()
-    for s in cfg.eval.sets:
-        try:
-            held_out |= {t.prompt for t in eval_tasks(s)}
-        except FileNotFoundError:
-            raise ConfigError(f"eval.sets[{s.name}].path: {s.path}: no such file") from None
-        except (OSError, TypeError, ValueError) as e:
-            raise ConfigError(f"eval.sets[{s.name}]: {e}") from None
+    held_out = held_out_prompts(cfg.eval)
     try:
         TaskStream(
             cfg.data.task, cfg.data.path, cfg.data.seed, cfg.data.task_kwargs, exclude=held_out
