@@ -143,12 +143,13 @@ class Batch:
         masks = [episode_loss_mask(t) for t in trajectories]
         if all(m is None for m in masks):
             return batch
-        mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-        for r, (t, m) in enumerate(zip(trajectories, masks, strict=True)):
-            if m is None:  # a single-turn row beside episodes: its response is its turn
-                m = [False] * len(t.prompt_ids) + [True] * len(t.response_ids)
-            mask[r, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        return replace(batch, loss_mask=mask)
+        return batch.with_loss_mask(
+            [
+                # a single-turn row beside episodes: its response is its turn
+                m if m is not None else [False] * len(t.prompt_ids) + [True] * len(t.response_ids)
+                for t, m in zip(trajectories, masks, strict=True)
+            ]
+        )
 
     @classmethod
     def from_episodes(
@@ -179,11 +180,17 @@ class Batch:
             temperature=temperature or 1.0,
             pad_id=pad_id,
         )
-        mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-        for r, (_, seg) in enumerate(rows):
-            mask[r, : len(seg.loss_mask)] = torch.tensor(seg.loss_mask, dtype=torch.bool)
         episode_ids = torch.tensor([i for i, _ in rows], dtype=torch.long)
-        return replace(batch, loss_mask=mask, episode_ids=episode_ids)
+        batch = batch.with_loss_mask([seg.loss_mask for _, seg in rows])
+        return replace(batch, episode_ids=episode_ids)
+
+    def with_loss_mask(self, masks: Sequence[Sequence[bool]]) -> Batch:
+        """This batch with loss_mask from one list per row over its tokens (prompt first;
+        the padding after a row's tokens stays False)."""
+        mask = torch.zeros(self.input_ids.shape, dtype=torch.bool)
+        for r, m in enumerate(masks):
+            mask[r, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        return replace(self, loss_mask=mask)
 
     @classmethod
     def from_sequences(
