@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -85,3 +87,21 @@ def _small_run(run, cache, steps) -> list[str]:
 def small_run():
     """The small-run overrides above, as a fixture: small_run(run_dir, cache_dir, steps)."""
     return _small_run
+
+
+@pytest.fixture
+def fresh_run(tmp_path, monkeypatch):
+    """fresh_run(config) -> (run directory, reward_mean per step): `keeprl train config` as the
+    README runs it, from the repository root into tmp_path, with a warm-start cache of its
+    own (so the warm start is part of what is tested)."""
+    from rl.cli import main as cli
+    from rl.plot import read_metrics
+
+    def run(config: str) -> tuple:
+        monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        out = tmp_path / "run"
+        overrides = [f"trainer.output_dir={out}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+        assert cli(["train", config, *overrides]) == 0
+        return out, [v for _, v in read_metrics(out, ["reward_mean"])["reward_mean"]]
+
+    return run

@@ -12,7 +12,6 @@ reading share), so a run that learns at all passes and one that does not fails.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -20,8 +19,6 @@ import pytest
 
 pytest.importorskip("ray")
 
-from rl.cli import main as cli  # noqa: E402
-from rl.plot import read_metrics  # noqa: E402
 from rl.tokenizer import CharTokenizer  # noqa: E402
 from rollout.store import RolloutStore  # noqa: E402
 
@@ -45,12 +42,9 @@ def reading_share(store: RolloutStore, steps: list[int]) -> float:
 
 
 @pytest.mark.slow
-def test_agent_quickstart_reward_rises(tmp_path, monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    run = tmp_path / "run"
-    overrides = [f"trainer.output_dir={run}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
-    assert cli(["train", "configs/agent-quickstart.yaml", *overrides]) == 0
-    rewards = np.array([v for _, v in read_metrics(run, ["reward_mean"])["reward_mean"]])
+def test_agent_quickstart_reward_rises(fresh_run):
+    run, rewards = fresh_run("configs/agent-quickstart.yaml")
+    rewards = np.array(rewards)
     assert len(rewards) == 40
     trend = np.polyfit(np.arange(40), rewards, 1)[0] * 40
     store = RolloutStore(run / "rollouts")

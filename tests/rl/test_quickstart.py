@@ -14,7 +14,6 @@ advantage sign, a sampler/learner mismatch) fails.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -26,12 +25,8 @@ HELD_OUT_MARGIN = 0.04
 
 
 @pytest.mark.slow
-def test_quickstart_reward_rises(tmp_path, monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    run = tmp_path / "run"
-    overrides = [f"trainer.output_dir={run}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
-    assert cli(["train", "configs/quickstart.yaml", *overrides]) == 0
-    rewards = [v for _, v in read_metrics(run, ["reward_mean"])["reward_mean"]]
+def test_quickstart_reward_rises(tmp_path, fresh_run):
+    run, rewards = fresh_run("configs/quickstart.yaml")
     assert len(rewards) == 60
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     print(f"\nquickstart mean reward: first 10 steps {first:.3f}, last 10 {last:.3f}")
