@@ -25,6 +25,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -91,7 +92,9 @@ def _policy_dir(
 
 def _close(worker: LearnerWorker) -> None:
     """Leave the group together: a rank tearing gloo down while another still writes its
-    files aborted at exit (about 1 run in 4 on the CPU)."""
+    files aborted at exit (about 1 run in 4 on the CPU). main() then leaves without the
+    interpreter's finalization, which on CI still aborted a gloo rank now and then
+    ("terminate called without an active exception") after all its work was done."""
     dist.barrier()
     worker.shutdown()
 
@@ -259,6 +262,7 @@ def main() -> int:
     p.add_argument("--load", help="checkpoint: load the newest one of this run directory")
     p.add_argument("--workdir", default="/tmp/keeprl-multi-gpu", help="shared scratch")
     a = p.parse_args()
+    faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     return {"equivalence": equivalence, "checkpoint": checkpoint, "scaling": scaling}[a.mode](
@@ -267,4 +271,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every mode has closed its group (_close) and printed its result: skip the interpreter's
+    # teardown, where gloo's threads can still abort the process (see _close).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -17,7 +17,7 @@ def _torchrun(n: int, *args: str) -> dict:
     cmd += ["--standalone", os.path.join(ROOT, "benchmarks", "multi_gpu.py"), *args]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     [line] = [x for x in done.stdout.splitlines() if x.startswith("{")]
     return json.loads(line)
 
