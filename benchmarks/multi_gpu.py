@@ -43,7 +43,7 @@ from policy import Transformer, load_pretrained, save_pretrained  # noqa: E402
 from rl import checkpoint as ckpt  # noqa: E402
 from rl.learner import AlgorithmConfig, Learner, LearnerConfig, OptimConfig  # noqa: E402
 from rl.plan import model_flops_per_token  # noqa: E402
-from rl.sharded import LearnerWorker  # noqa: E402
+from rl.sharded import LearnerWorker, ShardedLearner  # noqa: E402
 
 # relative to a whole tensor's norm (gradients, weights); absolute on the loss
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -99,6 +99,13 @@ def _close(worker: LearnerWorker) -> None:
     worker.shutdown()
 
 
+class _OneProcess(Learner):
+    """The one-process reference, with the sharded learner's AdamW (rl.learner uses the fused
+    one on CUDA), so that the comparison measures the sharding alone."""
+
+    fused_adamw = ShardedLearner.fused_adamw
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -129,7 +136,7 @@ def equivalence(a: argparse.Namespace, work: Path) -> int:
     weights = worker.state_dict()
     if rank == 0:  # the one-process step on the same batch and weights
         ref_policy = load_pretrained(policy_dir, device=device, dtype=dtype)
-        ref = Learner(ref_policy, cfg)
+        ref = _OneProcess(ref_policy, cfg)
         ref_grads: dict[str, torch.Tensor] = {}
 
         def record(*_: object) -> None:

@@ -48,3 +48,27 @@ def test_learner_step_on_cuda_bf16(policy, sampler):
     metrics = learner.step(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["logp_gap_max"] < 0.2
+
+
+def test_fused_adamw_on_cuda_updates_as_the_default_does(policy, sampler):
+    """The one-process learner steps with fused AdamW on CUDA (docs/benchmarks.md: faster,
+    without the default's parameter-sized temporary); in float32 its two updates are torch's
+    default AdamW's up to rounding, small beside the updates themselves."""
+    import copy
+
+    batch = sampler(policy, [3, 17, 5, 42, 8], 4, [1.0, 0.0, 0.0, 0.0])
+    start = {k: v.cuda() for k, v in policy.state_dict().items()}
+    after = []
+    for fused in (True, False):
+        model = copy.deepcopy(policy).cuda()
+        learner = type("L", (Learner,), {"fused_adamw": fused})(
+            model, LearnerConfig(optim=OptimConfig(lr=1e-3))
+        )
+        assert learner.optimizer.defaults["fused"] is (True if fused else None)
+        learner.step(batch)
+        learner.step(batch)
+        after.append(model.state_dict())
+    fused, default = after
+    moved = sum((default[k] - start[k]).double().norm() ** 2 for k in start) ** 0.5
+    apart = sum((fused[k] - default[k]).double().norm() ** 2 for k in start) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))
