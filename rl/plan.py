@@ -1,15 +1,20 @@
 """`keeprl plan CONFIG --gpus N --gpu h100|h200`: what a config needs on a GPU cluster, before
-anyone books one: memory per GPU (training states, FSDP's gathered blocks, activations, the
+anyone books one: memory per GPU (training states, FSDP2's working set, activations, the
 rollout engines' weights and KV cache) and the expected step time and throughput, flagging what
 cannot fit.
 
 The model is what keeprl runs today: the learner data parallel under FSDP2 per block over its
-GPUs (rl/sharded.py), the rollout engines tensor parallel over rollout.engine_kwargs'
-tensor_parallel_size GPUs each, weights synchronised through the learner's first rank, and
-placement either colocated (every GPU samples, then every GPU trains; the engines release
-their memory during the learner step) or disaggregated (--rollout-gpus R of the N sample, the
-rest train; with rollout.max_staleness 1 the two overlap). Every constant below says where it
-comes from; the figures are estimates, not measurements:
+GPUs (rl/sharded.py; one process on one GPU), the rollout engines tensor parallel over
+rollout.engine_kwargs' tensor_parallel_size GPUs each, weights synchronised through the
+learner's first rank, and placement either colocated (every GPU samples, then every GPU
+trains; the engines release their memory during the learner step) or disaggregated
+(--rollout-gpus R of the N sample, the rest train; with rollout.max_staleness 1 the two
+overlap). Every constant below says where it comes from; the figures are estimates, not
+measurements:
+
+- learner memory: the training states, plus the one-process learner's transient gradient (its
+  peak measured on one H200 at DeepSeek-V3.2's layer dims, docs/benchmarks.md) or FSDP2's
+  buffers for the largest layer (counted in make_plan; measured at one rank only);
 
 - compute: the bf16 matmul rate measured on the H200 (docs/benchmarks.md, 789 TFLOP/s); the
   H100 SXM has the same GH100 compute (132 SMs at the same clocks), so the same rate;
@@ -106,7 +111,10 @@ def model_flops_per_token(args: ModelArgs, seq_len: int) -> float:
 class ParamCounts:
     total: int
     routed: int  # the routed experts' stacked weights
-    largest_block: int  # the largest FSDP unit (one decoder layer, or the embeddings/head)
+    largest_block: int  # the largest FSDP unit below the root: one decoder layer
+    second_block: int  # the next largest (the unit prefetched while the largest runs)
+    root: int  # the root unit: the embeddings, the final norm and the LM head
+    largest_tensor: int  # one parameter (a MoE layer's stacked expert weight)
 
     @property
     def dense(self) -> int:
@@ -117,17 +125,22 @@ def param_counts(args: ModelArgs) -> ParamCounts:
     """Counted from the module itself, built on the meta device (no memory)."""
     with torch.device("meta"):
         model = Transformer(args)
-    total = routed = 0
+    total = routed = root = largest = 0
     blocks: dict[str, int] = {}
     for name, p in model.named_parameters():
         n = p.numel()
         total += n
+        largest = max(largest, n)
         if ".mlp.experts." in name:
             routed += n
         parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[1] == "layers" else name
-        blocks[key] = blocks.get(key, 0) + n
-    return ParamCounts(total, routed, max(blocks.values()))
+        if parts[:2] == ["model", "layers"]:
+            key = ".".join(parts[:3])
+            blocks[key] = blocks.get(key, 0) + n
+        else:
+            root += n
+    sizes = sorted(blocks.values(), reverse=True) + [0, 0]
+    return ParamCounts(total, routed, sizes[0], sizes[1], root, largest)
 
 
 @dataclass
@@ -144,7 +157,7 @@ class Plan:
     sequences: int
     train_tokens: int
     learner_states_gib: float
-    fsdp_gathered_gib: float
+    working_set_gib: float  # FSDP2's buffers, or one process's transient gradient
     activations_gib: float
     learner_total_gib: float
     rollout_weights_gib: float
@@ -205,11 +218,30 @@ def make_plan(
         problems.append(f"{r_gpus} rollout GPUs are not whole engines of {tp} GPUs")
     engines = max(1, r_gpus // tp)
 
-    # Learner memory: bf16 weights + gradients + AdamW's two moments (kept in the parameters'
-    # dtype), sharded; FSDP2 holds the gathered parameters of the current and the prefetched
-    # block and the current block's unsharded gradients.
+    # Learner memory a GPU: the training states (weights, gradients and AdamW's two moments,
+    # all in the parameters' dtype), sharded over the learner's GPUs, and a working set.
     states = counts.total * 4 * bpp / l_gpus
-    gathered = 3 * counts.largest_block * bpp if l_gpus > 1 else 0
+    if l_gpus == 1:
+        # One process (rl.learner.Learner, fused AdamW on CUDA): a micro-batch's new gradient
+        # of one parameter before it joins the accumulated one. Measured with the states and
+        # activations: docs/benchmarks.md, v32-2layer (tests/rl/test_plan.py holds the plan
+        # to those figures).
+        working = counts.largest_tensor * bpp
+    else:
+        # FSDP2 per block (rl/sharded.py). The backward through the largest unit holds its
+        # gradients as autograd made them, then its reduce-scatter's input (float32 over
+        # several ranks) beside them, the next unit's gathered weights (prefetched) and the
+        # larger of its own gathered weights (while it computes) and that input (after it
+        # reshards); the root unit's weights stay gathered and its gradients unsharded
+        # until the backward ends. At one rank the gradients + buffer + root part was
+        # measured (docs/benchmarks.md: 92.3 GiB at 128 experts); the gathered weights and
+        # the float32 buffer of several ranks are FSDP2's design, not measured yet.
+        largest = counts.largest_block
+        backward = largest * (bpp + max(bpp, 4)) + counts.second_block * bpp
+        backward += 2 * counts.root * bpp
+        # torch's default (foreach) AdamW on the shards makes a temporary the size of the
+        # shard (the second moment's square root) during its step, after the backward.
+        working = max(backward, counts.total * bpp / l_gpus)
     micro = cfg.optim.micro_batch_tokens
     h, d = args.num_attention_heads, args.hidden_size
     # One block's saved activations a token (its backward's working set): absorbed-mode q and
@@ -222,7 +254,7 @@ def make_plan(
     else:
         act = micro * block_b * args.num_hidden_layers
     act += LOGITS_CHUNK_BYTES
-    learner_total = states + gathered + act
+    learner_total = states + working + act
 
     # Rollout memory: the engine's weights split over its GPUs, and the KV cache (the
     # [c | k_rope] latent and the indexer key, a token and layer) of as many of its sequences
@@ -298,7 +330,7 @@ def make_plan(
         sequences=sequences,
         train_tokens=train_tokens,
         learner_states_gib=states / GIB,
-        fsdp_gathered_gib=gathered / GIB,
+        working_set_gib=working / GIB,
         activations_gib=act / GIB,
         learner_total_gib=learner_total / GIB,
         rollout_weights_gib=r_weights / GIB,
@@ -317,7 +349,7 @@ def make_plan(
 
 
 HEADER = (
-    "| GPUs | placement | learner GiB/GPU (states + FSDP + activations) | rollout GiB/GPU "
+    "| GPUs | placement | learner GiB/GPU (states + working set + activations) | rollout GiB/GPU "
     "(weights + KV) | rollout s | learner s (compute / FSDP traffic) | sync s | step s | "
     "train tokens/s/GPU | fits |"
 )
@@ -336,7 +368,7 @@ def render_row(p: Plan) -> str:
     )
     return (
         f"| {p.gpus} x {p.gpu.upper()} | {p.placement} | {p.learner_total_gib:,.0f} "
-        f"({p.learner_states_gib:,.0f} + {p.fsdp_gathered_gib:,.0f} + {p.activations_gib:,.0f}) "
+        f"({p.learner_states_gib:,.0f} + {p.working_set_gib:,.0f} + {p.activations_gib:,.0f}) "
         f"| {p.rollout_total_gib:,.0f} ({p.rollout_weights_gib:,.0f} + {p.kv_cache_gib:,.0f}) "
         f"| {times} | {fits} |"
     )
