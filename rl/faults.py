@@ -4,9 +4,9 @@
 process of its process group, the moment it reaches `point` during step `step` (0-based): the
 same as a kill -9 or a power cut at the worst moment, but at a chosen place instead of a
 random one. The points sit inside the windows where a crash could tear the run's records
-apart: between the rollout files and the metrics, inside a checkpoint's write, and between
-MLflow accepting metrics and the run recording that it did. Unset (always, outside tests) a
-point costs one environment lookup.
+apart: between the rollout (or evaluation) files and the metrics, inside a checkpoint's write,
+and between MLflow accepting metrics and the run recording that it did. Unset (always,
+outside tests) a point costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ POINTS = (
     "checkpoint",  # inside the checkpoint write (learner actor), before the atomic rename
     "checkpoint_written",  # the checkpoint exists, its metrics are not yet sent to MLflow
     "mlflow_sent",  # MLflow holds the metrics, metrics.committed does not say so yet
+    "eval_stored",  # an evaluation's Parquet is written, its metrics are not (step: updates)
 )
 
 

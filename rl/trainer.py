@@ -262,6 +262,7 @@ def _train(
         def evaluate(updates: int, commit_step: int) -> None:
             results = evaluator.run(pool, updates)
             store_results(eval_store, updates, results)
+            crash_point("eval_stored", updates)
             tracker.log_step(commit_step, flat_metrics(results), at=updates)
             print(summary_table(updates, results), flush=True)
 

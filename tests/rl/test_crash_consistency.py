@@ -6,6 +6,7 @@ verifies.
 
 One run of 8 steps with a checkpoint every 2 steps (after steps 1, 3, 5, 7; 0-based), killed
 five times: each resume continues from the newest intact checkpoint and meets the next kill.
+A second run with a held-out eval set is killed between evaluations' samples and metrics.
 """
 
 from __future__ import annotations
@@ -141,3 +142,45 @@ def test_sigkill_anywhere_loses_and_duplicates_nothing(tmp_path, small_run):
     for name in checkpoints:
         ckpt.verify(run / "checkpoints" / name)
     assert not (run / "metrics.sending").exists()
+
+
+def test_sigkill_between_an_evaluation_and_its_metrics(tmp_path, small_run):
+    """A run with a held-out set evaluated every 2 updates (0, 2, 4 and 6 of 6), killed after an
+    evaluation's samples are stored and before its metrics are: in the middle of the run (the
+    evaluation after 4 updates) and at its end (after 6, which belongs to the last step's
+    record). After the resumes each evaluation is in MLflow once, at its number of updates,
+    with the numbers of the samples stored for it."""
+    run = tmp_path / "run"
+    cfg = [
+        *small_run(run, tmp_path / "cache", 6),
+        "checkpoint.every=2",
+        "checkpoint.keep_last=0",
+        "eval.sets=[{name: heldout, task: arithmetic, task_kwargs: {max_operand: 9}, size: 6}]",
+        "eval.every=2",
+    ]
+    # The evaluation after 4 updates runs beside step 4's training (it belongs to step 4's
+    # record, which the checkpoint of step 5 would commit).
+    _killed(_start(cfg, "eval_stored@4", resume=False))
+    assert RolloutStore(run / "eval" / "heldout").steps() == [0, 2, 4]  # 4's samples stored
+    assert ckpt.latest(run).name == "step_000003"
+    tracker = Tracker(run)  # ... and not its metrics
+    assert [s for s, _ in tracker.history("eval/heldout/greedy/reward_mean")] == [0, 2]
+    tracker.close()
+    # The last one, after 6 updates, comes before the last step's checkpoint.
+    _killed(_start(cfg, "eval_stored@6"))
+    assert RolloutStore(run / "eval" / "heldout").steps() == [0, 2, 4, 6]
+    assert ckpt.latest(run).name == "step_000003"
+    code, err = _finish(_start(cfg, None))
+    assert code == 0, err
+
+    store = RolloutStore(run / "eval" / "heldout")
+    assert store.steps() == [0, 2, 4, 6]
+    tracker = Tracker(run)
+    logged = tracker.history("eval/heldout/greedy/reward_mean")
+    assert [s for s, _ in tracker.history("reward_mean")] == list(range(6))
+    tracker.close()
+    assert [s for s, _ in logged] == [0, 2, 4, 6]  # each once
+    for updates, value in logged:
+        stored = store.read_step(updates)
+        assert {t.weight_version for t in stored.trajectories} == {updates}
+        assert value == pytest.approx(float(np.mean(stored.rewards)), abs=1e-12)
