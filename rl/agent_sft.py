@@ -56,11 +56,15 @@ def train_agent_sft(
     environments: int = 64,
     seed: int = 0,
     template: ChatTemplate | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> list[float]:
     """Train `model` in place on solved episodes of `source` (an EnvSpec, or a family: seed ->
     EnvSpec, of which `environments` are used), the loss on the assistant turns; returns the
-    loss of every step. Dense attention, as DeepSeek-V3.2's first warm-start stage."""
+    loss of every step. Dense attention, as DeepSeek-V3.2's first warm-start stage. `exclude`:
+    the eval sets' task keys (rl.evaluation.held_out_prompts), never demonstrated."""
     from rewards.agent.spec import EnvSpec
+
+    from .evaluation import agent_task_key as _key
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -70,8 +74,14 @@ def train_agent_sft(
     for _ in range(steps):
         rows = []
         for _ in range(batch_size):
-            spec = source if isinstance(source, EnvSpec) else source(rng.randrange(environments))
-            rows.append(solution_sequence(spec, rng.randrange(2**31), tok, template))
+            while True:  # an eval set's task (rl.evaluation.agent_task_key) is never shown
+                spec = source
+                if not isinstance(source, EnvSpec):
+                    spec = source(rng.randrange(environments))
+                task_seed = rng.randrange(2**31)
+                if not exclude or _key(spec, spec.generate(task_seed)[0]) not in exclude:
+                    break
+            rows.append(solution_sequence(spec, task_seed, tok, template))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)

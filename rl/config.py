@@ -297,11 +297,22 @@ def _check(cfg: ExperimentConfig) -> None:
             "eval.sampling.seed: each eval set samples with a seed derived from trainer.seed "
             "and its name; set trainer.seed instead"
         )
-    if cfg.eval.sets and cfg.agent.environment:
-        raise ConfigError(
-            "eval.sets hold single-turn prompts; agent runs (agent.environment) have no "
-            "held-out evaluation yet: remove the eval section"
-        )
+    for s_ in cfg.eval.sets:
+        if cfg.agent.environment and s_.environment is None:
+            raise ConfigError(
+                f"eval.sets[{s_.name}]: an agent run (agent.environment) evaluates held-out "
+                "tasks of an environment: give the set an environment, not a task or path"
+            )
+        if not cfg.agent.environment and s_.environment is not None:
+            raise ConfigError(
+                f"eval.sets[{s_.name}].environment: only agent runs (agent.environment) run "
+                "environment sets; give a task or a path"
+            )
+        if s_.environment is not None and s_.verifiers is not None:
+            raise ConfigError(
+                f"eval.sets[{s_.name}].verifiers: an environment set is judged by its "
+                "environment; remove verifiers"
+            )
     if cfg.agent.step_timeout_s <= 0:
         raise ConfigError(f"agent.step_timeout_s must be > 0, got {cfg.agent.step_timeout_s}")
     if cfg.ray.reserve_timeout_s <= 0:

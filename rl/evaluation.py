@@ -2,15 +2,18 @@
 and on demand (`keeprl eval`).
 
 An eval set is a built-in task with its own seed, or a JSONL/Parquet file of prompts with
-references (rl.tasks), scored by the run's verifiers or its own. Its prompts are removed from
-the training stream and from the warm start (`held_out_prompts`), so an eval set never
-measures prompts the policy was trained on. Each evaluation samples every prompt greedily
-and/or `samples` times at a temperature with a fixed seed (the same draw at every step, so
-steps differ by the policy only), and reports per set and mode (`greedy`, `sampled`):
+references (rl.tasks), scored by the run's verifiers or its own; in an agent run, an
+environment's tasks drawn with a seed of the set's own, run as episodes and judged by the
+environment. Its prompts are removed from the training stream and from the warm start
+(`held_out_prompts`), so an eval set never measures prompts the policy was trained on. Each
+evaluation samples every prompt greedily and/or `samples` times at a temperature with a fixed
+seed (the same draw at every step, so steps differ by the policy only), and reports per set
+and mode (`greedy`, `sampled`):
 
     eval/<set>/<mode>/reward_mean, accuracy, accuracy/<verifier>, response_length,
     verifier_failures, and for `sampled` pass_at_<k> (pass@k; MLflow names allow no "@") for
-    each k of `pass_k`
+    each k of `pass_k`; an agent set's add turns, and count an episode (its generated tokens
+    the response length, an environment's own failure the verifier failure) as one sample
 
 pass@k is the unbiased estimator from n samples of which c are correct (a sample is correct
 when the set's first verifier gives it 1.0, as `accuracy` counts):
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +45,10 @@ class EvalSetConfig:
 
     name: str  # the metrics' eval/<name>/... prefix and the stored samples' folder
     task: str | None = None  # a built-in task generator (rl.tasks.TASKS) ...
-    path: str | None = None  # ... or a JSONL / Parquet file of {prompt, reference}
+    path: str | None = None  # ... or a JSONL / Parquet file of {prompt, reference} ...
+    # ... or, in an agent run, an environment spec or family (module:attr, as
+    # agent.environment; a family's first agent.environments members): `size` tasks
+    environment: str | None = None
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # the generator's arguments
     seed: int = 1  # the generator's seed (the training stream's is data.seed)
     size: int = 64  # distinct prompts in the set (a file: its first `size`; 0: all of it)
@@ -51,11 +58,11 @@ class EvalSetConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
-        if (self.task is None) == (self.path is None):
-            raise ValueError(f"{self.name}: set exactly one of task or path")
+        if sum(x is not None for x in (self.task, self.path, self.environment)) != 1:
+            raise ValueError(f"{self.name}: set exactly one of task, path or environment")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"{self.name}: unknown task {self.task!r}; built-in: {sorted(TASKS)}")
-        if self.size < 0 or (self.task is not None and self.size == 0):
+        if self.size < 0 or (self.path is None and self.size == 0):
             raise ValueError(f"{self.name}: size must be >= 1 (0: a whole file), got {self.size}")
 
 
@@ -124,19 +131,54 @@ def eval_tasks(s: EvalSetConfig) -> list[Task]:
     )
 
 
-def held_out_prompts(cfg: EvalConfig) -> frozenset[str]:
-    """Every eval set's prompts: the training stream and the warm start skip them. A set that
-    cannot be read (a missing file, an unknown task argument, a task space smaller than the
-    set) is a ConfigError naming it."""
+def agent_task_key(spec: Any, task: dict) -> str:
+    """What identifies an agent task: its environment and the task itself, hidden state
+    included (tasks with one prompt differ in what their tools answer, as treasure's do)."""
+    return f"{spec.name}\n{json.dumps(task, sort_keys=True, default=repr)}"
+
+
+def _draw_seed(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def agent_eval_tasks(s: EvalSetConfig, environments: int) -> list[tuple[Any, dict]]:
+    """An environment set's (spec, task) pairs: `size` tasks with distinct keys, drawn with
+    seeds of the set's own (a family's members in turn)."""
+    from rewards.agent.spec import EnvSpec, load_env
+
+    source = load_env(s.environment)
+    found: dict[str, tuple[Any, dict]] = {}
+    for i in range(1000 * s.size):  # a task space smaller than the set ends the search
+        spec = source if isinstance(source, EnvSpec) else source(i % environments)
+        task, _ = spec.generate(_draw_seed("eval", s.seed, i))
+        found.setdefault(agent_task_key(spec, task), (spec, task))
+        if len(found) == s.size:
+            return list(found.values())
+    raise ValueError(
+        f"eval set {s.name!r}: environment {s.environment!r} gave only {len(found)} distinct "
+        f"tasks, fewer than size {s.size}"
+    )
+
+
+def held_out_prompts(cfg: EvalConfig, environments: int = 64) -> frozenset[str]:
+    """Every eval set's prompts (an environment set's: agent_task_key of its tasks, from a
+    family's first `environments` members): the training stream and the warm start skip
+    them. A set that cannot be read (a missing file or environment, an unknown task argument,
+    a task space smaller than the set) is a ConfigError naming it."""
     from .config import ConfigError
 
     prompts: set[str] = set()
     for s in cfg.sets:
         try:
-            prompts |= {t.prompt for t in eval_tasks(s)}
+            if s.environment is not None:
+                pairs = agent_eval_tasks(s, environments)
+                prompts |= {agent_task_key(spec, task) for spec, task in pairs}
+            else:
+                prompts |= {t.prompt for t in eval_tasks(s)}
         except FileNotFoundError:
             raise ConfigError(f"eval.sets[{s.name}].path: {s.path}: no such file") from None
-        except (OSError, TypeError, ValueError) as e:
+        except (ImportError, AttributeError, OSError, TypeError, ValueError) as e:
             raise ConfigError(f"eval.sets[{s.name}]: {e}") from None
     return frozenset(prompts)
 
@@ -177,16 +219,10 @@ def evaluate_set(
     import rewards as rewards_pkg
 
     prompts = [prompt_ids(t.prompt) for t in tasks]
-    modes: list[tuple[str, Sampling, int]] = []
-    if cfg.greedy:
-        greedy = dataclasses.replace(sampling, temperature=0.0, top_k=0, top_p=1.0, seed=None)
-        modes.append(("greedy", greedy, 1))
-    if cfg.samples:
-        modes.append(("sampled", dataclasses.replace(sampling, seed=seed), cfg.samples))
     metrics: dict[str, float] = {}
     all_trajs: list[Trajectory] = []
     all_scores: list[dict] = []
-    for mode, s, n in modes:
+    for mode, s, n in _modes(cfg, sampling, seed):
         trajs = generate(prompts, s, n)
         samples = [
             rewards_pkg.Sample(
@@ -210,6 +246,72 @@ def evaluate_set(
         all_trajs += trajs
         all_scores += scores
     return SetResult(metrics, all_trajs, all_scores)
+
+
+def evaluate_agent_set(
+    pairs: Sequence[tuple[Any, dict]],
+    episodes: Callable[[list[Any], list[dict], Sampling], list[Any]],
+    engine: str,
+    cfg: EvalConfig,
+    sampling: Sampling,
+    seed: int,
+) -> SetResult:
+    """Evaluate one environment set: its tasks as episodes (greedy and/or `samples` each),
+    the environment's verdict the reward, correct at 1.0.
+
+    episodes(envs, tasks, sampling) -> finished Episodes (rollout.episode.run_episodes on the
+    rollout pool); `engine`: the pool's name, stored with the trajectories.
+    """
+    metrics: dict[str, float] = {}
+    all_trajs: list[Trajectory] = []
+    all_scores: list[dict] = []
+    for mode, s, n in _modes(cfg, sampling, seed):
+        index = [i for i in range(len(pairs)) for _ in range(n)]
+        eps = episodes([pairs[i][0].environment() for i in index], [pairs[i][1] for i in index], s)
+        correct = [0] * len(pairs)
+        rewards, tokens, turns, failures = [], [], [], []
+        for i, ep in zip(index, eps, strict=True):
+            reward = float(ep.reward or 0.0)
+            # the environment is the verifier: only its own failures are verifier failures
+            failure = ep.end_reason if ep.end_reason in ("env_error", "env_timeout") else None
+            correct[i] += reward >= 1.0
+            rewards.append(reward)
+            tokens.append(sum(sum(seg.loss_mask) for seg in ep.segments))
+            turns.append(ep.num_turns)
+            failures.append(failure is not None)
+            # stored: its segments (one whose first prompt already passed the token budget
+            # has no turn to store; it counts as a failed episode all the same)
+            for t in ep.to_trajectories(s, engine) if ep.num_turns > 0 else ():
+                t.prompt_index = i
+                all_trajs.append(t)
+                all_scores.append(
+                    {"reward": reward, "subscores": {"agent": reward}, "failure": failure}
+                )
+        accuracy = sum(r >= 1.0 for r in rewards) / len(rewards)
+        stats = {
+            "reward_mean": sum(rewards) / len(rewards),
+            "accuracy": accuracy,
+            "accuracy/agent": accuracy,
+            "response_length": sum(tokens) / len(tokens),
+            "turns": sum(turns) / len(turns),
+            "verifier_failures": sum(failures) / len(failures),
+        }
+        if mode == "sampled":
+            for k in cfg.pass_k:
+                stats[f"pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(pairs)
+        metrics.update({f"{mode}/{k}": v for k, v in stats.items()})
+    return SetResult(metrics, all_trajs, all_scores)
+
+
+def _modes(cfg: EvalConfig, sampling: Sampling, seed: int) -> list[tuple[str, Sampling, int]]:
+    """(mode, its sampling, responses a prompt): greedy once, sampled `samples` times."""
+    modes: list[tuple[str, Sampling, int]] = []
+    if cfg.greedy:
+        greedy = dataclasses.replace(sampling, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+        modes.append(("greedy", greedy, 1))
+    if cfg.samples:
+        modes.append(("sampled", dataclasses.replace(sampling, seed=seed), cfg.samples))
+    return modes
 
 
 def _correct(score: dict, label: str) -> bool:
@@ -258,12 +360,24 @@ class Evaluator:
 
         self.cfg, self.tok = cfg, tok
         self.sets = []
+        self.template = None
+        if cfg.agent.environment:  # environment sets: episodes, as the run's own
+            from .trainer import agent_template
+
+            self.template = agent_template(cfg, tok)
         for s in cfg.eval.sets:
+            if s.environment is not None:
+                self.sets.append((s, agent_eval_tasks(s, cfg.agent.environments), None))
+                continue
             service = scorer
             if s.verifiers is not None:
                 service = RewardService(dataclasses.replace(cfg.rewards, verifiers=s.verifiers))
             self.sets.append((s, eval_tasks(s), service))
         self.sampling = eval_sampling(cfg, tok.eos_id)
+        # episodes sample as the run's training episodes do (their turns' own stops)
+        self.agent_sampling = dataclasses.replace(
+            cfg.eval.sampling or cfg.rollout.sampling, seed=None
+        )
         mode = "greedy" if cfg.eval.greedy else "sampled"
         self.headline = f"eval/{cfg.eval.sets[0].name}/{mode}/accuracy"  # one metric it logs
 
@@ -271,14 +385,36 @@ class Evaluator:
         """Evaluate the weights the pool holds (the policy after `step` updates)."""
         out = {}
         for s, tasks, service in self.sets:
+            seed = eval_seed(self.cfg.trainer.seed, s.name)
+            if s.environment is not None:
+                out[s.name] = evaluate_agent_set(
+                    tasks, self._episodes(pool), pool.name, self.cfg.eval, self.agent_sampling,
+                    seed,
+                )  # fmt: skip
+                continue
             out[s.name] = evaluate_set(
                 tasks, pool.generate, service.score, service.labels, self.tok.prompt_ids,
-                self.tok.decode, self.cfg.eval, self.sampling,
-                eval_seed(self.cfg.trainer.seed, s.name),
+                self.tok.decode, self.cfg.eval, self.sampling, seed,
             )  # fmt: skip
             for t in out[s.name].trajectories:  # stored, so keeprl inspect shows the reference
                 RunDir.attach_reference(t, tasks[t.prompt_index].reference)
         return out
+
+    def _episodes(self, pool: Any) -> Callable[[list[Any], list[dict], Sampling], list[Any]]:
+        """Episodes on the pool with the run's agent settings (rl.trainer._agent_rollout's)."""
+        from rollout.episode import run_episodes
+
+        a = self.cfg.agent
+
+        def run(envs: list[Any], tasks: list[dict], sampling: Sampling) -> list[Any]:
+            return run_episodes(
+                pool, envs, tasks, self.tok, sampling, template=self.template,
+                max_turns=a.max_turns, token_budget=a.token_budget,
+                step_timeout_s=a.step_timeout_s,
+                overflow=None if a.overflow == "none" else a.overflow,
+            )  # fmt: skip
+
+        return run
 
 
 def flat_metrics(results: dict[str, SetResult]) -> dict[str, float]:
@@ -346,7 +482,8 @@ def _resolve(args: Any) -> tuple[Any, Path, int, Path | None]:
         raise ConfigError(f"{source} is not a run directory; give the experiment's --config")
     if not cfg.eval.sets:
         raise ConfigError("the config has no eval.sets to evaluate (see docs/eval.md)")
-    held_out_prompts(cfg.eval)  # a set that cannot be read: one line, before Ray starts
+    # a set that cannot be read: one line, before Ray starts
+    held_out_prompts(cfg.eval, cfg.agent.environments)
     if not is_run:
         if args.step is not None:
             raise ConfigError("--step picks a checkpoint of a run directory; give the run")

@@ -39,7 +39,7 @@ def learner_config(cfg: ExperimentConfig) -> LearnerConfig:
 def preflight(cfg: ExperimentConfig) -> None:
     """Config problems that need more than the config itself (the data, the model, the
     learner's settings), found before anything is written or started: ConfigError."""
-    held_out = held_out_prompts(cfg.eval)
+    held_out = held_out_prompts(cfg.eval, cfg.agent.environments)
     try:
         TaskStream(
             cfg.data.task, cfg.data.path, cfg.data.seed, cfg.data.task_kwargs, exclude=held_out

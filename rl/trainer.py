@@ -33,6 +33,7 @@ from .batch import Batch
 from .config import ConfigError, ExperimentConfig, RewardConfig, to_dict
 from .evaluation import (
     Evaluator,
+    agent_task_key,
     flat_metrics,
     held_out_prompts,
     reward_stats,
@@ -111,11 +112,13 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
         from .agent_sft import train_agent_sft
 
         source, template = load_env(cfg.agent.environment), agent_template(cfg, tok)
+        held_out = held_out_prompts(cfg.eval, cfg.agent.environments)  # never demonstrated
 
         def stages(m: Transformer) -> dict:
             lm = train_agent_sft(
                 m, source, tok, steps=w.steps, batch_size=w.batch_size, lr=w.lr,
                 environments=cfg.agent.environments, seed=cfg.trainer.seed, template=template,
+                exclude=held_out,
             )  # fmt: skip
             return {"agent_sft": {"lm": lm}}
 
@@ -127,9 +130,11 @@ def initial_policy(cfg: ExperimentConfig, run: Path, tok: Tokenizer) -> Path:
             "demonstrator": repr(getattr(source, "demonstrate", None)),
         }  # fmt: skip
         settings = {"model": args.to_dict(), "seed": cfg.trainer.seed, "agent": agent}
+        if held_out:  # (a run without eval sets keeps its earlier cache key)
+            settings["held_out"] = hashlib.sha256("\n".join(sorted(held_out)).encode()).hexdigest()
         return warm_start(model, None, tok, config=w, settings=settings, stages=stages)
     if w.enabled:
-        held_out = held_out_prompts(cfg.eval)  # the warm start never sees an eval prompt
+        held_out = held_out_prompts(cfg.eval, cfg.agent.environments)  # never trained on
         stream = TaskStream(
             cfg.data.task, cfg.data.path, cfg.data.seed + 10_000, cfg.data.task_kwargs,
             exclude=held_out,
@@ -168,6 +173,19 @@ def agent_template(cfg: ExperimentConfig, tok: Tokenizer) -> Any:
 def _seed(cfg: ExperimentConfig, step: int) -> int:
     digest = hashlib.sha256(f"{cfg.trainer.seed}:{step}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _agent_task(cfg: ExperimentConfig, spec: Any, k: int, held_out: frozenset[str]) -> dict:
+    """The run's k-th agent task; one an eval set holds out (agent_task_key) is drawn again
+    with a seed of its own (a run without eval sets draws as it always has)."""
+    seed = _seed(cfg, k)
+    for attempt in range(1, 1001):
+        task, _ = spec.generate(seed)
+        if not held_out or agent_task_key(spec, task) not in held_out:
+            return task
+        digest = hashlib.sha256(f"{cfg.trainer.seed}:{k}:{attempt}".encode()).digest()
+        seed = int.from_bytes(digest[:4], "little")
+    raise RuntimeError(f"{spec.name}: 1000 draws of task {k} were all held out by eval sets")
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -245,13 +263,14 @@ def _train(
         learner, pool, scorer = _actors(
             cfg, policy_dir, learner_state, state.weight_version, placement
         )
+        held_out = held_out_prompts(cfg.eval, cfg.agent.environments)  # the eval sets'
         stream = TaskStream(
             cfg.data.task,
             cfg.data.path,
             cfg.data.seed,
             cfg.data.task_kwargs,
             position=state.data_position,
-            exclude=held_out_prompts(cfg.eval),
+            exclude=held_out,
         )
         evaluator = Evaluator(cfg, tok, scorer) if cfg.eval.sets else None
         eval_store = RunDir(run).eval
@@ -323,7 +342,9 @@ def _train(
                 done(in_flight)
                 in_flight = None
             if agent_source is not None:
-                r = _agent_rollout(cfg, step, tok, pool, agent_source, template, stream.position)
+                r = _agent_rollout(
+                    cfg, step, tok, pool, agent_source, template, stream.position, held_out
+                )
             else:
                 r = _rollout(cfg, step, tok, stream, pool, scorer)
             if placement.colocated:  # the learner's turn on the devices
@@ -480,10 +501,11 @@ def _agent_rollout(
     source: Any,
     template: Any,
     position: int,
+    held_out: frozenset[str] = frozenset(),
 ) -> _Rollout:
     """Sample step `step`'s multi-turn episodes: prompts_per_step tasks (each from the next
-    environment of a family, or from one environment), samples_per_prompt episodes of each
-    (one GRPO group), the environment's verdict as the reward."""
+    environment of a family, or from one environment; none an eval set's), samples_per_prompt
+    episodes of each (one GRPO group), the environment's verdict as the reward."""
     from rewards.agent.spec import EnvSpec
     from rollout.episode import run_episodes
 
@@ -491,7 +513,7 @@ def _agent_rollout(
     for i in range(cfg.data.prompts_per_step):
         k = step * cfg.data.prompts_per_step + i
         spec = source if isinstance(source, EnvSpec) else source(k % cfg.agent.environments)
-        task, _ = spec.generate(_seed(cfg, k))
+        task = _agent_task(cfg, spec, k, held_out)
         for _ in range(cfg.rollout.samples_per_prompt):
             envs.append(spec.environment())
             tasks.append(task)

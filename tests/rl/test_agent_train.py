@@ -90,3 +90,47 @@ def test_the_v32_template_needs_its_special_tokens(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "deepseek-v3.2" in err and "special tokens" in err
     assert not run.exists()
+
+
+def test_an_agent_run_evaluates_held_out_tasks_and_keeprl_eval_agrees(
+    tmp_path, monkeypatch, capsys
+):
+    """An environment eval set in an agent run: its tasks run as episodes before the first
+    step and after the last (greedy and 2 samples each), logged under eval/<set>/..., stored
+    as Parquet with their turns (`keeprl inspect --eval` shows them), and `keeprl eval` of the
+    final checkpoint gives the logged numbers."""
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    evals = [
+        "eval.sets=[{name: held, environment: rewards.agent.spec:lookup_family, size: 3}]",
+        "eval.samples=2",
+        "eval.pass_k=[1, 2]",
+        "agent.token_budget=1200",  # every first prompt fits (600 cuts some off at once)
+    ]
+    assert cli(["train", CONFIG, *_args(run), *evals]) == 0
+    store = RolloutStore(run / "eval" / "held")
+    assert store.steps() == [0, 2]
+    stored = store.read_step(2)
+    assert len(stored.trajectories) == 3 * (1 + 2)
+    for t in stored.trajectories:
+        assert t.extra["episode"]["turns"][0][0] == "prompt"
+    tracker = Tracker(run)
+    logged = {
+        k: dict(tracker.history(f"eval/held/{k}"))
+        for k in ("greedy/accuracy", "greedy/turns", "sampled/pass_at_2", "sampled/reward_mean")
+    }
+    tracker.close()
+    assert all(sorted(v) == [0, 2] for v in logged.values()), logged
+    assert logged["sampled/reward_mean"][2] == pytest.approx(
+        float(np.mean([r for r, t in zip(stored.rewards, stored.trajectories, strict=True)
+                       if t.sampling.temperature > 0]))
+    )  # fmt: skip
+    capsys.readouterr()
+    assert cli(["inspect", str(run), "--eval", "held", "--step", "2", "--index", "0"]) == 0
+    assert "(episode ends: " in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert cli(["eval", str(run), "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["step"] == 2
+    for key, value in logged.items():
+        assert got["metrics"][f"eval/held/{key}"] == pytest.approx(value[2], abs=1e-9), key

@@ -3,6 +3,7 @@ prompts, the metrics of one set, and the `eval` config section's checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -15,6 +16,7 @@ from rl.evaluation import (
     EvalConfig,
     EvalSetConfig,
     eval_tasks,
+    evaluate_agent_set,
     evaluate_set,
     held_out_prompts,
     pass_at_k,
@@ -195,3 +197,125 @@ def test_keeprl_eval_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         assert cli(["eval", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+
+
+AGENT_QUICKSTART = "configs/agent-quickstart.yaml"
+TREASURE = "rewards.agent.treasure:spec"
+
+
+def test_agent_eval_sets_hold_their_tasks_out_of_training_and_the_warm_start(monkeypatch):
+    """treasure has 36 tasks (box x gem, one prompt for all: the key is the task itself); an
+    environment set holds 8 out. The run's task draws and the warm start's demonstrations
+    never meet them; the same draws without the exclusion do."""
+    import torch
+
+    from policy import Transformer, preset
+    from rewards.agent.treasure import spec
+    from rl import agent_sft
+    from rl.evaluation import agent_eval_tasks, agent_task_key
+    from rl.trainer import _agent_task
+
+    s = EvalSetConfig(name="h", environment=TREASURE, size=8)
+    pairs = agent_eval_tasks(s, 64)
+    held = held_out_prompts(EvalConfig(sets=[s]), 64)
+    assert len(pairs) == 8 and held == {agent_task_key(sp, t) for sp, t in pairs}
+    cfg = load_config(AGENT_QUICKSTART)
+    drawn = {agent_task_key(spec, _agent_task(cfg, spec, k, held)) for k in range(400)}
+    assert len(drawn) == 36 - 8 and not drawn & held
+    plain = {agent_task_key(spec, _agent_task(cfg, spec, k, frozenset())) for k in range(400)}
+    assert len(plain) == 36 and plain & held
+    assert _agent_task(cfg, spec, 0, frozenset()) == spec.generate(int(_seed0(cfg)))[0]
+
+    shown = []
+
+    def record(sp, seed, tok, template=None):
+        shown.append(agent_task_key(sp, sp.generate(seed)[0]))
+        return [1, 2, 3], [False, True, True]
+
+    monkeypatch.setattr(agent_sft, "solution_sequence", record)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64, index_topk=8))
+    for exclude in (held, frozenset()):
+        shown.clear()
+        agent_sft.train_agent_sft(
+            model, spec, None, steps=20, batch_size=8, lr=0.0, exclude=exclude
+        )
+        assert len(shown) == 160 and bool(set(shown) & held) == (not exclude)
+
+
+def _seed0(cfg):
+    from rl.trainer import _seed
+
+    return _seed(cfg, 0)
+
+
+class _Episode:
+    """What evaluate_agent_set reads of a finished rollout.episode.Episode."""
+
+    def __init__(self, reward, generated, turns, end="done"):
+        self.reward, self.num_turns, self.end_reason = reward, turns, end
+        self.segments = [type("S", (), {"loss_mask": [False] * 3 + [True] * generated})()]
+        self.generated = generated
+
+    def to_trajectories(self, sampling, engine):
+        return [_traj(0, [5] * (self.generated + 2), sampling.temperature)]
+
+
+def test_one_agent_sets_metrics_greedy_and_sampled():
+    """Two tasks; greedy solves the first; of 3 episodes each, task 0 solves 2 and task 1
+    none, one of its episodes ending in the environment's own error before its first turn."""
+    pairs = [(_Spec(), {"t": 0}), (_Spec(), {"t": 1})]
+    calls = []
+
+    def episodes(envs, tasks, sampling):
+        calls.append((sampling.temperature, sampling.seed, [t["t"] for t in tasks]))
+        if sampling.temperature == 0.0:
+            return [_Episode(1.0, 4, 2), _Episode(0.0, 6, 3)]
+        return [
+            _Episode(1.0, 4, 2), _Episode(0.0, 2, 1), _Episode(1.0, 4, 2),
+            _Episode(0.0, 8, 4), _Episode(0.0, 0, 0, "env_error"), _Episode(0.0, 6, 3),
+        ]  # fmt: skip
+
+    cfg = EvalConfig(sets=[EvalSetConfig(name="x", environment=TREASURE)], samples=3)
+    cfg = dataclasses.replace(cfg, pass_k=[1, 2])
+    r = evaluate_agent_set(
+        pairs, episodes, "scripted", cfg, Sampling(temperature=0.7, top_k=20), seed=9
+    )
+    m = r.metrics
+    assert calls == [(0.0, None, [0, 1]), (0.7, 9, [0, 0, 0, 1, 1, 1])]
+    assert m["greedy/accuracy"] == m["greedy/reward_mean"] == m["greedy/accuracy/agent"] == 0.5
+    assert m["greedy/response_length"] == 5 and m["greedy/turns"] == 2.5
+    assert m["sampled/accuracy"] == pytest.approx(2 / 6)
+    assert m["sampled/verifier_failures"] == pytest.approx(1 / 6)
+    assert m["sampled/pass_at_1"] == pytest.approx((2 / 3 + 0) / 2)
+    # pass@2: task 0: 1 - C(1,2)/C(3,2) = 1; task 1: 0
+    assert m["sampled/pass_at_2"] == pytest.approx(0.5)
+    assert m["sampled/turns"] == pytest.approx(12 / 6)
+    # stored: every episode with a turn (the one that failed before its first is counted
+    # above, and has nothing to store)
+    assert [t.prompt_index for t in r.trajectories] == [0, 1, 0, 0, 0, 1, 1]
+    assert len(r.scores) == 7 and all(s["failure"] is None for s in r.scores)
+
+
+class _Spec:
+    def environment(self):
+        return object()
+
+
+def test_agent_runs_take_environment_sets_only():
+    agent = ["eval.sets=[{name: h, environment: " + TREASURE + ", size: 8}]"]
+    cfg = load_config(AGENT_QUICKSTART, agent)
+    assert cfg.eval.sets[0].environment == TREASURE
+    with pytest.raises(ConfigError, match=r"eval.sets\[h\]: an agent run .* not a task or path"):
+        load_config(AGENT_QUICKSTART, ["eval.sets=[{name: h, task: arithmetic}]"])
+    with pytest.raises(ConfigError, match=r"eval.sets\[h\].environment: only agent runs"):
+        load_config(QUICKSTART, agent)
+    with pytest.raises(ConfigError, match=r"eval.sets\[h\].verifiers: an environment set"):
+        load_config(
+            AGENT_QUICKSTART,
+            ["eval.sets=[{name: h, environment: " + TREASURE + ", verifiers: [{name: math}]}]"],
+        )
+    with pytest.raises(ConfigError, match="exactly one of task, path or environment"):
+        load_config(AGENT_QUICKSTART, ["eval.sets=[{name: h, task: arithmetic, environment: x:y}]"])
+    with pytest.raises(ConfigError, match=r"eval.sets\[h\]: .*only 36 distinct tasks"):
+        held_out_prompts(EvalConfig(sets=[EvalSetConfig(name="h", environment=TREASURE, size=40)]))
