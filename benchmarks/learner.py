@@ -27,7 +27,10 @@ index_topk), plus the indexer's scores 2 x its heads x its dim x (position + 1),
 measured in the same run (bf16 8192^3 on CUDA, float32 2048^3 on the CPU).
 
     python benchmarks/learner.py --config moe-4k [--attention reference] [--steps 3] [--json f]
-    python benchmarks/learner.py --config v32-2layer --fsdp
+    python benchmarks/learner.py --config v32-2layer --fsdp [--adamw fused|foreach]
+
+--adamw picks AdamW's implementation for an A/B of it (default: the learner's own, fused on
+CUDA, torch's default foreach on the CPU).
 """
 
 from __future__ import annotations
@@ -145,6 +148,13 @@ def _one_rank_group(device: str) -> None:
     )
 
 
+def _with_adamw(cls: type, adamw: str) -> type:
+    """The learner class with AdamW fused or foreach as asked ("learner": unchanged)."""
+    if adamw == "learner":
+        return cls
+    return type(cls.__name__, (cls,), {"fused_adamw": adamw == "fused"})
+
+
 def run(
     config: str,
     device: str,
@@ -153,6 +163,7 @@ def run(
     attention: str = "auto",
     fsdp: bool = False,
     experts: int | None = None,
+    adamw: str = "learner",
 ) -> dict:
     cfg = CONFIGS[config]
     args = policy_args(config, experts)
@@ -169,10 +180,11 @@ def run(
         from rl.sharded import ShardedLearner
 
         _one_rank_group(device)
-        learner = ShardedLearner(policy, learner_cfg)
+        learner = _with_adamw(ShardedLearner, adamw)(policy, learner_cfg)
         policy = learner.policy
     else:
-        learner = Learner(policy, learner_cfg)
+        learner = _with_adamw(Learner, adamw)(policy, learner_cfg)
+    fused = bool(learner.optimizer.defaults.get("fused"))
     batch = make_batch(policy, learner, cfg)
     learner.step(batch)  # warm-up: allocations, kernel compilation
     if device == "cuda":
@@ -190,6 +202,7 @@ def run(
         "config": config,
         "attention": attention,
         "fsdp": fsdp,
+        "adamw": "fused" if fused else "foreach",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "params": sum(p.numel() for p in policy.parameters()),
@@ -226,7 +239,8 @@ def run(
 def render(r: dict) -> str:
     lines = [
         f"{r['config']} ({r.get('attention', 'auto')} attention"
-        f"{', FSDP2, 1 rank' if r.get('fsdp') else ''}) on {r['device']} "
+        f"{', FSDP2, 1 rank' if r.get('fsdp') else ''}, {r.get('adamw', '?')} AdamW) on "
+        f"{r['device']} "
         f"(torch {r['torch']}): {r['params'] / 1e6:,.1f}M parameters, "
         f"{r['tokens_per_step']} tokens a step",
         f"step {r['step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -253,6 +267,12 @@ def main() -> None:
     parser.add_argument(
         "--experts", type=int, help="v32-2layer: routed experts (V3.2 has 256), to fit a device"
     )
+    parser.add_argument(
+        "--adamw",
+        choices=["learner", "fused", "foreach"],
+        default="learner",
+        help="AdamW's implementation (learner: the learner class's own choice)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     a = parser.parse_args()
     result = run(
@@ -263,6 +283,7 @@ def main() -> None:
         attention=a.attention,
         fsdp=a.fsdp,
         experts=a.experts,
+        adamw=a.adamw,
     )
     print(render(result))
     if a.json:

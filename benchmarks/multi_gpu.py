@@ -100,8 +100,8 @@ def _close(worker: LearnerWorker) -> None:
 
 
 class _OneProcess(Learner):
-    """The one-process reference, with the sharded learner's AdamW (rl.learner uses the fused
-    one on CUDA), so that the comparison measures the sharding alone."""
+    """The one-process reference, with the sharded learner's AdamW (both fuse it on CUDA), so
+    that the comparison measures the sharding alone."""
 
     fused_adamw = ShardedLearner.fused_adamw
 

@@ -239,9 +239,8 @@ def make_plan(
         largest = counts.largest_block
         backward = largest * (bpp + max(bpp, 4)) + counts.second_block * bpp
         backward += 2 * counts.root * bpp
-        # torch's default (foreach) AdamW on the shards makes a temporary the size of the
-        # shard (the second moment's square root) during its step, after the backward.
-        working = max(backward, counts.total * bpp / l_gpus)
+        # AdamW's step is fused (no shard-sized temporary), so the backward is the peak.
+        working = backward
     micro = cfg.optim.micro_batch_tokens
     h, d = args.num_attention_heads, args.hidden_size
     # One block's saved activations a token (its backward's working set): absorbed-mode q and

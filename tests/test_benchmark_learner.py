@@ -28,6 +28,8 @@ def test_tiny_configuration_runs_on_the_cpu():
     assert 0 < r["mfu"] < 1 and math.isfinite(r["model_flops_per_token"])
     assert len(r["top_kernels"]) == 5
     assert "MFU" in bench.render(r)
+    # the label is the optimizer's own setting: Learner fuses AdamW on CUDA only
+    assert r["adamw"] == "foreach" and "foreach AdamW" in bench.render(r)
 
 
 def test_gpu_configuration_is_the_issue_policy():
