@@ -2,12 +2,15 @@
 tool-use episodes on `treasure` with vLLM rollout workers in Ray actors, all four
 stabilizers, 40 steps, fixed seed), from a fresh agent warm start on the Scout's episodes.
 
-Slow (about 20 minutes on 2 CPU cores): `pytest -m slow tests/rl/test_agent_quickstart.py`.
-Measured when the test was written: mean reward 0.57 over the first 10 steps, 0.65 over the
-last 10 (a least-squares trend of +0.096 over the run, standard error 0.037); the share of
-episodes that open the box the look answer names, what GRPO has to learn here, 0.51 -> 0.67.
-The margins asserted are about half of those gains (0.04 on the reward trend, 0.08 on the
-reading share), so a run that learns at all passes and one that does not fails.
+Slow (about 15 minutes on 2 CPU cores): `pytest -m slow tests/rl/test_agent_quickstart.py`.
+Measured on the config as it is (8 held-out tasks): mean reward 0.58 over the first 10 steps,
+0.73 over the last 10 (a least-squares trend of +0.19 over the run, standard error 0.03); the
+share of episodes that open the box the look answer names, what GRPO has to learn here,
+0.51 -> 0.71. Before tasks were held out the run drew another task stream and gained less
+(trend +0.096, reading 0.51 -> 0.67). The margins asserted are about half of that smaller
+run's gains (0.04 on the reward trend, 0.08 on the reading share), so a run that learns at
+all passes and one that does not fails. The held-out evaluation is not asserted: 64 sampled
+episodes an evaluation are too few for its rise (docs/agent.md).
 """
 
 from __future__ import annotations
