@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,42 @@ def _agent_task(cfg: ExperimentConfig, spec: Any, k: int, held_out: frozenset[st
     raise RuntimeError(f"{spec.name}: 1000 draws of task {k} were all held out by eval sets")
 
 
+class SigintLatch:
+    """Ctrl-C during a run, kept until the run acts on it. Python raises KeyboardInterrupt in
+    whatever the main thread runs when SIGINT arrives; when that is a weakref callback or a
+    __del__ (garbage collection runs them anywhere), Python prints it as "Exception ignored"
+    and drops it, and the run would go on to its end. This handler raises as the default one
+    does and also records the signal, and the run's loop calls `check` at each step boundary.
+    It is installed only over Python's default handler in the main thread: a SIGINT that is
+    ignored, or handled by the caller, stays so."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a SIGINT arrived, whether or not its first raise got
+        through."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def remove(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run (or resume) the experiment; returns the run directory. Every refusal (ConfigError,
     RunDirError) comes before anything is written."""
@@ -258,6 +296,8 @@ def _train(
     if state.step < 0:
         tracker.log_params(to_dict(cfg))
     pool, placement, status = None, None, "FAILED"
+    sigint = SigintLatch()
+    sigint.install()
     try:
         placement = reserve(cfg)
         learner, pool, scorer = _actors(
@@ -338,6 +378,7 @@ def _train(
         # weight push and checkpoint see exactly its own updates. 0: one step at a time.
         in_flight: _Rollout | None = None
         for step in range(state.step + 1, cfg.trainer.total_steps):
+            sigint.check()
             if in_flight is not None and cfg.rollout.max_staleness == 0:
                 done(in_flight)
                 in_flight = None
@@ -356,6 +397,7 @@ def _train(
                 evaluate(deferred.pop(), step)
         if in_flight is not None:
             done(in_flight)
+        sigint.check()
         tracker.log_artifact(RunDir(run).config)
         tracker.log_artifact(store.directory, "rollouts")
         try:  # the curves are a convenience: failing to draw them must not fail a finished run
@@ -369,6 +411,7 @@ def _train(
         status = "KILLED"
         raise
     finally:
+        sigint.remove()
         try:
             tracker.close(status)
         except Exception as e:  # e.g. a full disk: the run's own error is the one to show

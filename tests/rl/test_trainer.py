@@ -330,6 +330,47 @@ def test_ctrl_c_stops_in_one_line_and_marks_the_run_killed(tmp_path, small_run):
     assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "KILLED"
 
 
+def test_a_ctrl_c_that_python_drops_still_stops_the_run(tmp_path, monkeypatch, small_run):
+    """SIGINT while garbage collection runs a __del__ or weakref callback: Python prints the
+    KeyboardInterrupt as "Exception ignored" and drops it (CI once saw a run finish after its
+    Ctrl-C that way). The run stops at its next step boundary anyway, marked killed."""
+    import gc
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from rl import trainer
+
+    # a suite started in the background ignores SIGINT; a terminal's default is what is tested
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    rollout, sampled = trainer._rollout, []
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler's raise ends here, ignored
+
+    def ctrl_c_at_step_1(cfg, n, *args):
+        sampled.append(n)
+        if n == 1:
+            InterruptedWhileCollected()
+            gc.collect()
+        return rollout(cfg, n, *args)
+
+    monkeypatch.setattr(trainer, "_rollout", ctrl_c_at_step_1)
+    run = tmp_path / "run"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(load_config(CONFIG, small_run(run, tmp_path / "cache", 4)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
+    run_id = RunDir(run).mlflow_run_id.read_text().strip()
+    assert MlflowClient(local_store_uri(run)).get_run(run_id).info.status == "KILLED"
+    assert sampled == [0, 1]  # stopped at the boundary after the interrupted step
+    assert RolloutStore(run / "rollouts").steps() == [0]  # step 1 unfinished, as on any Ctrl-C
+
+
 def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     from mlflow.tracking import MlflowClient
