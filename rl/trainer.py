@@ -197,11 +197,17 @@ class SigintLatch:
     and drops it, and the run would go on to its end. This handler raises as the default one
     does and also records the signal, and the run's loop calls `check` at each step boundary.
     It is installed only over Python's default handler in the main thread: a SIGINT that is
-    ignored, or handled by the caller, stays so."""
+    ignored, or handled by the caller, stays so. While installed, the dropped interrupt's
+    "Exception ignored" report is not printed: the run stops with its one line instead."""
 
     def __init__(self) -> None:
         self.seen = False
         self._previous: Any = None
+        self._unraisablehook: Any = None
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if not (self.seen and unraisable.exc_type is KeyboardInterrupt):
+            self._unraisablehook(unraisable)
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.seen = True
@@ -213,6 +219,7 @@ class SigintLatch:
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         ):
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if a SIGINT arrived, whether or not its first raise got
@@ -223,6 +230,7 @@ class SigintLatch:
     def remove(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._unraisablehook
             self._previous = None
 
 

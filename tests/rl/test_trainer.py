@@ -371,6 +371,41 @@ def test_a_ctrl_c_that_python_drops_still_stops_the_run(tmp_path, monkeypatch, s
     assert RolloutStore(run / "rollouts").steps() == [0]  # step 1 unfinished, as on any Ctrl-C
 
 
+def test_the_sigint_latch_keeps_a_dropped_interrupt_and_its_report_quiet(monkeypatch):
+    """The latch under a dropped interrupt: recorded, raised by check, and Python's "Exception
+    ignored" report of it not printed; other unraisable errors are still reported, and removing
+    the latch restores both hooks."""
+    import signal
+
+    from rl.trainer import SigintLatch
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    latch = SigintLatch()
+    try:
+        latch.install()
+
+        class Collected:
+            def __init__(self, raise_):
+                self.raise_ = raise_
+
+            def __del__(self):
+                self.raise_()
+
+        Collected(lambda: signal.raise_signal(signal.SIGINT))
+        assert latch.seen and reported == []
+        with pytest.raises(KeyboardInterrupt):
+            latch.check()
+        Collected(lambda: 1 / 0)
+        assert reported == [ZeroDivisionError]
+        latch.remove()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert sys.unraisablehook is not latch._unraisable
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_run_that_fails_is_marked_failed(tmp_path, monkeypatch, small_run):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     from mlflow.tracking import MlflowClient
