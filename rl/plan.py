@@ -236,11 +236,10 @@ def make_plan(
         # until the backward ends. At one rank the gradients + buffer + root part was
         # measured (docs/benchmarks.md: 92.3 GiB at 128 experts); the gathered weights and
         # the float32 buffer of several ranks are FSDP2's design, not measured yet.
-        largest = counts.largest_block
-        backward = largest * (bpp + max(bpp, 4)) + counts.second_block * bpp
-        backward += 2 * counts.root * bpp
         # AdamW's step is fused (no shard-sized temporary), so the backward is the peak.
-        working = backward
+        largest = counts.largest_block
+        working = largest * (bpp + max(bpp, 4)) + counts.second_block * bpp
+        working += 2 * counts.root * bpp
     micro = cfg.optim.micro_batch_tokens
     h, d = args.num_attention_heads, args.hidden_size
     # One block's saved activations a token (its backward's working set): absorbed-mode q and
