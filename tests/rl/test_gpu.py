@@ -50,6 +50,14 @@ def test_learner_step_on_cuda_bf16(policy, sampler):
     assert metrics["logp_gap_max"] < 0.2
 
 
+def assert_same_update(got: dict, want: dict, start: dict) -> None:
+    """Two learners' weights after the same steps from `start` agree up to rounding: their
+    distance is under 1e-3 of how far `want` moved (and it moved)."""
+    moved = sum((want[k] - start[k]).double().norm() ** 2 for k in start) ** 0.5
+    apart = sum((got[k] - want[k]).double().norm() ** 2 for k in start) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))
+
+
 def test_fused_adamw_on_cuda_updates_as_the_default_does(policy, sampler):
     """The one-process learner steps with fused AdamW on CUDA (docs/benchmarks.md: faster,
     without the default's parameter-sized temporary); in float32 its two updates are torch's
@@ -69,9 +77,7 @@ def test_fused_adamw_on_cuda_updates_as_the_default_does(policy, sampler):
         learner.step(batch)
         after.append(model.state_dict())
     fused, default = after
-    moved = sum((default[k] - start[k]).double().norm() ** 2 for k in start) ** 0.5
-    apart = sum((fused[k] - default[k]).double().norm() ** 2 for k in start) ** 0.5
-    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))
+    assert_same_update(fused, default, start)
 
 
 def test_sharded_learner_on_cuda_fuses_adamw_and_updates_as_one_process(policy, sampler):
@@ -104,6 +110,4 @@ def test_sharded_learner_on_cuda_fuses_adamw_and_updates_as_one_process(policy, 
         got = {k: v.cuda() for k, v in sharded.full_state_dict().items()}
     finally:
         dist.destroy_process_group()
-    moved = sum((want[k] - start[k]).double().norm() ** 2 for k in start) ** 0.5
-    apart = sum((got[k] - want[k]).double().norm() ** 2 for k in start) ** 0.5
-    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))
+    assert_same_update(got, want, start)
